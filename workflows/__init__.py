@@ -1,0 +1,1 @@
+"""PSFTJob schema, validation, the stage DAG and its renderers (Argo, local)."""

@@ -1,0 +1,126 @@
+"""`psft`: one command line for local runs, stage entry points, and the operator.
+
+Stage commands (`psft prepare|train|eval|grpo|report --config stage.json`) are the same
+argv locally and in a pod. Heavy modules are imported only by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from psft.workflows.errors import UserError
+from psft.workflows.validate import InvalidJob, load_job
+
+STAGE_MODULES = {
+    "prepare": "psft.trainer.prepare",
+    "train": "psft.trainer.train",
+    "eval": "psft.trainer.eval.stage",
+    "grpo": "psft.trainer.grpo.stage",
+    "report": "psft.trainer.report",
+}
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            job = load_job(path)
+        except InvalidJob as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{path}: valid PSFTJob {job.metadata.name!r}")
+    return 1 if failed else 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from psft.workflows.stages import read_stage_config
+
+    config = read_stage_config(args.config)
+    if config.kind != args.command:
+        raise UserError(f"{args.config} is a {config.kind!r} stage config, not {args.command!r}")
+    module = importlib.import_module(STAGE_MODULES[args.command])
+    module.run(config)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from psft.workflows.local import run_local
+
+    job = load_job(args.file)
+    return run_local(
+        job,
+        runs_dir=args.runs_dir,
+        only=args.only,
+        fresh=args.fresh,
+        progress=not args.no_progress,
+    )
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from psft.workflows.models import REGISTERED_MODELS
+
+    for m in REGISTERED_MODELS.values():
+        print(f"{m.name:28} {m.description}")
+    return 0
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    main = importlib.import_module("psft.operator.main")
+    return int(main.run_operator(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="psft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a PSFTJob on this machine (all stages, local processes)")
+    p.add_argument("file", help="PSFTJob YAML")
+    p.add_argument("--runs-dir", help="override spec.storage.local.path")
+    p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run of this job")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check PSFTJob files; print every error")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_cmd_validate)
+
+    for name in STAGE_MODULES:
+        p = sub.add_parser(name, help=f"run the {name} stage from a stage config")
+        p.add_argument("--config", required=True, help="stage.json written by an executor")
+        p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("models", help="list registered model names")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    p.add_argument("--namespace", action="append", help="watch only these namespaces")
+    p.add_argument("--all-namespaces", action="store_true", help="cluster-wide")
+    p.add_argument("--metrics-port", type=int, default=8080)
+    p.add_argument("--health-port", type=int, default=8081)
+    p.add_argument("--peering", default=None, help="kopf peering name (leader election)")
+    p.add_argument("--standalone", action="store_true", help="no peering")
+    p.set_defaults(func=_cmd_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InvalidJob as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except UserError as exc:
+        print(f"psft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The PSFTJob schema: the single source of truth.
+
+The CRD (charts/psft/crds), the reference docs and `psft validate` all derive from
+these models. Field names are camelCase on the wire (YAML, JSON, Kubernetes) and
+snake_case in Python. Unknown fields are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "psft.dev/v1alpha1"
+KIND = "PSFTJob"
+SEED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_TRAINER_IMAGE = "ghcr.io/psft-dev/psft-trainer:0.1.0"
+
+
+class Section(BaseModel):
+    """Base for every part of the spec: camelCase aliases, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict users write, with defaults filled in."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+SERVER_METADATA = {
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "selfLink",
+    "generateName",
+}
+
+
+class Metadata(Section):
+    name: Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=52)]
+    """Job name: a DNS label (lower case letters, digits, '-'), at most 52 characters so
+    that derived child names stay within Kubernetes' 63-character limit."""
+    namespace: str = "default"
+    """Namespace of the job. `psft run` uses it only for metric labels and storage paths."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    """Set by Kubernetes; `psft run` leaves it empty and storage paths use 'local'."""
+
+
+class ModelSpec(Section):
+    source: Annotated[str, Field(min_length=1)]
+    """Where the model comes from: a local folder in Hugging Face format, an `s3://` URI of
+    such a folder, or a registered name (`psft models` lists them, e.g.
+    `smollm2-135m-instruct`). Nothing is downloaded from a model hub."""
+    chat_template: str | None = None
+    """Jinja chat template that replaces the tokenizer's own."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype. `auto`: bfloat16 on GPU, float32 on CPU (bf16 is far slower on CPUs)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the model. Off unless you trust the source."""
+    max_context_length: Annotated[int, Field(gt=0)] | None = None
+    """Override the context length read from the model config (used by validation)."""
+
+
+class ValidationSplit(Section):
+    files: list[str] = Field(default_factory=list)
+    """Held-out files in the same format as `dataset.train`."""
+    fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Share of training rows held out when no validation files are given."""
+    max_rows: Annotated[int, Field(gt=0)] | None = None
+    """Cap on validation rows (held-out NLL is computed on all of them)."""
+
+
+class DatasetSpec(Section):
+    train: Annotated[list[str], Field(min_length=1)]
+    """Training files: local paths or `s3://` URIs, JSONL (.jsonl/.json) or Parquet."""
+    format: Literal["auto", "seed", "messages", "prompt-response"] = "auto"
+    """Row format. `seed`: `prompt` as chat messages plus `demonstration`; `messages`: a
+    chat whose last assistant turn is the demonstration; `prompt-response`: plain text
+    columns named by promptKey and demonstrationKey. `auto` detects per file."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt: a string or a list of chat messages."""
+    demonstration_key: str = "demonstration"
+    """Column holding the demonstration (the response the model learns)."""
+    messages_key: str = "messages"
+    """Column holding the chat for the `messages` format."""
+    system_prompt: str | None = SEED_SYSTEM_PROMPT
+    """System message prepended to prompts that have none. Empty string: none."""
+    max_prompt_length: Annotated[int, Field(gt=0)] = 1024
+    """Prompt token budget (chat template included)."""
+    max_response_length: Annotated[int, Field(gt=0)] = 4096
+    """Demonstration token budget (EOS included)."""
+    truncation: Literal["left", "right", "error"] = "error"
+    """Over-long rows: `left` drops the start of the prompt and the end of the response,
+    `right` drops the end of both, `error` stops with the file and row."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """Rows with a missing key, an empty demonstration or (with truncation=error) too many
+    tokens: `error` stops and names file and row; `skip` drops and counts them."""
+    limit: Annotated[int, Field(gt=0)] | None = None
+    """Use only the first N training rows (smoke runs)."""
+    shuffle: bool = True
+    """Shuffle training rows each epoch (seeded by psft.seed)."""
+    validation: ValidationSplit = Field(default_factory=ValidationSplit)
+
+
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+
+
+class PSFTSpec(Section):
+    objective: Literal["psft", "sft"] = "psft"
+    """`psft`: clipped-ratio objective. `sft`: plain cross-entropy, the baseline."""
+    engine: Literal["auto", "native", "verl"] = "auto"
+    """Training engine. `native`: one process, PyTorch + transformers, CPU or one GPU.
+    `verl`: FSDP2 through verl, for GPU clusters. `auto`: verl when resources ask for more
+    than one GPU, else native."""
+    clip_ratio_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """Lower clip epsilon: ratio floor 1 - clipRatioLow (inert for advantage +1)."""
+    clip_ratio_high: Annotated[float, Field(gt=0.0)] = 0.28
+    """Upper clip epsilon: a token whose ratio exceeds 1 + clipRatioHigh stops pushing."""
+    clip_ratio_c: Annotated[float, Field(gt=1.0)] = 10.0
+    """Dual-clip constant (only acts on negative advantages, i.e. in GRPO)."""
+    loss_agg_mode: LossAggMode = "token-mean"
+    """How token losses become one number."""
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    """Demonstrations per step (global batch). Old log-probs are taken once per step."""
+    mini_batch_size: Annotated[int, Field(gt=0)] = 8
+    """Demonstrations per optimizer update; batchSize/miniBatchSize updates per step."""
+    micro_batch_size: Annotated[int, Field(gt=0)] = 2
+    """Demonstrations per forward pass (gradient accumulation within a mini-batch)."""
+    epochs: Annotated[int, Field(gt=0)] = 1
+    max_steps: Annotated[int, Field(gt=0)] | None = None
+    """Stop after this many steps, whatever the epochs say."""
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    """Schedule after warm-up."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    """Linear warm-up, in steps."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.1
+    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    """Max global gradient norm per update."""
+    seed: int = 42
+    save_every: Annotated[int, Field(ge=0)] = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: Annotated[int, Field(gt=0)] = 2
+    """Resumable checkpoints kept (oldest deleted first)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.batch_size // self.mini_batch_size
+
+
+class Toleration(Section):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(Section):
+    gpus_per_node: Annotated[int, Field(ge=0)] = 1
+    """GPUs each training pod asks for (nvidia.com/gpu)."""
+    nodes: Annotated[int, Field(gt=0)] = 1
+    """Nodes for training; more than one runs verl as a KubeRay RayJob."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Local runs: where to train. `auto`: cuda when available."""
+    image: str = DEFAULT_TRAINER_IMAGE
+    """Trainer image for the stage pods."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    cpu: str = "8"
+    """CPU request per pod (Kubernetes quantity)."""
+    memory: str = "64Gi"
+    """Memory request per pod (Kubernetes quantity)."""
+    shm_size: str = "16Gi"
+    """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than 64Mi)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    scheduler_name: str | None = None
+    """Custom scheduler for gang scheduling (e.g. `volcano`)."""
+    queue: str | None = None
+    """Scheduler queue (Volcano / Kueue), set as the queue label on pods."""
+    service_account_name: str | None = None
+
+
+class CustomBenchmark(Section):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+    path: str
+    """JSONL or Parquet file, local or `s3://`."""
+    type: Literal["math", "multiple-choice"] = "math"
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    choices_key: str = "choices"
+    """Multiple choice only: list of option texts (or columns A..J, see docs)."""
+
+
+class EvalSpec(Section):
+    enabled: bool = True
+    benchmarks: list[str | CustomBenchmark] = Field(
+        default_factory=lambda: ["aime24", "aime25", "amc23"]
+    )
+    """Registered names (aime24, aime25, amc23, math500, minerva) or custom files."""
+    samples: Annotated[int, Field(gt=0)] = 32
+    """k: samples per problem (Avg@k, pass@k, maj@k)."""
+    temperature: Annotated[float, Field(ge=0.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    max_tokens: Annotated[int, Field(gt=0)] = 32768
+    """Generation budget per sample."""
+    seed: int = 0
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto`: vLLM when importable and a GPU is present, else transformers."""
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    """Prompts per generate call (transformers backend)."""
+    tensor_parallel_size: Annotated[int, Field(gt=0)] = 1
+    limit: Annotated[int, Field(gt=0)] | None = None
+    """Only the first N problems of each benchmark (smoke runs)."""
+    checkpoints: Literal["final", "all", "best"] = "final"
+    """Which training checkpoints to evaluate; `best` picks the lowest validation loss."""
+    system_prompt: str | None = None
+    """Defaults to dataset.systemPrompt, so eval prompts match training."""
+    grading_timeout: Annotated[float, Field(gt=0.0)] = 5.0
+    """Seconds per answer for symbolic grading before it counts as wrong."""
+
+
+class GRPOSpec(Section):
+    enabled: bool = False
+    prompts: list[str] = Field(default_factory=list)
+    """Prompt files with reference answers (JSONL or Parquet, local or `s3://`)."""
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    rollout: Literal["auto", "vllm", "hf", "trl"] = "auto"
+    """Rollout backend: vLLM on GPU clusters; transformers-based generation on one machine."""
+    rollout_n: Annotated[int, Field(gt=1)] = 8
+    """Responses per prompt (the group)."""
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    """Prompts per step."""
+    mini_batch_size: Annotated[int, Field(gt=0)] = 8
+    steps: Annotated[int, Field(gt=0)] = 100
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
+    kl_coef: Annotated[float, Field(ge=0.0)] = 0.001
+    use_kl_loss: bool = True
+    clip_ratio_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    clip_ratio_high: Annotated[float, Field(gt=0.0)] = 0.28
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    max_response_length: Annotated[int, Field(gt=0)] = 4096
+    evaluate: bool = True
+    """Run the evaluation stage again on the GRPO checkpoint."""
+
+
+class SecretRef(Section):
+    name: str
+    """Kubernetes Secret holding the keys (mounted into pods as env variables)."""
+    access_key_key: str = "accessKey"
+    secret_key_key: str = "secretKey"
+
+
+class S3Storage(Section):
+    endpoint: str
+    """host:port of the S3 API (MinIO, SeaweedFS, AWS)."""
+    bucket: Annotated[str, Field(min_length=3, max_length=63)]
+    region: str = "us-east-1"
+    prefix: str = "psft"
+    secure: bool = True
+    """Use TLS."""
+    ca_bundle: str | None = None
+    """Path to a CA bundle for TLS with a private CA."""
+    secret_ref: SecretRef | None = None
+    """Credentials; locally they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    create_bucket: bool = False
+    """Create the bucket when it is missing (otherwise that is an error)."""
+
+
+class LocalStorage(Section):
+    path: str = "runs"
+    """Folder under which `<job name>/` holds the run."""
+
+
+class StorageSpec(Section):
+    type: Literal["local", "s3"] = "local"
+    local: LocalStorage = Field(default_factory=LocalStorage)
+    s3: S3Storage | None = None
+    delete_on_job_deletion: bool = False
+    """Delete the job's artifacts when the PSFTJob is deleted (cluster only)."""
+
+
+class MonitoringSpec(Section):
+    enabled: bool = True
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9400
+    """Port of each stage's /metrics endpoint (0: pick a free one)."""
+    pushgateway: str | None = None
+    """Pushgateway URL for final values of short stages."""
+    entropy_collapse_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """Alert when entropy falls below this share of its first value."""
+
+
+class TTLSpec(Section):
+    success: Annotated[int, Field(ge=0)] | None = None
+    """Seconds to keep a succeeded job's Workflow."""
+    failure: Annotated[int, Field(ge=0)] | None = None
+    """Seconds to keep a failed job's Workflow."""
+
+
+class PSFTJobSpec(Section):
+    model: ModelSpec
+    dataset: DatasetSpec
+    psft: PSFTSpec = Field(default_factory=PSFTSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    grpo: GRPOSpec = Field(default_factory=GRPOSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    suspend: bool = False
+    """Suspend the running Workflow; set back to false to resume."""
+    restart_policy: Literal["Never", "OnSpecChange"] = "Never"
+    """What a spec change after start does: `Never` refuses it, `OnSpecChange` restarts."""
+    backoff_limit: Annotated[int, Field(ge=0)] = 3
+    """Retries of a stage after infrastructure failures (eviction, node loss, signals)."""
+    ttl_seconds_after_finished: TTLSpec = Field(default_factory=TTLSpec)
+
+
+class PSFTJob(Section):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["psft.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["PSFTJob"] = KIND
+    metadata: Metadata
+    spec: PSFTJobSpec
+    status: dict[str, Any] | None = None
+    """Written by the operator; ignored by `psft run`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_server_fields(cls, data: Any) -> Any:
+        # objects read back from a cluster carry fields no user writes
+        if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+            meta = {k: v for k, v in data["metadata"].items() if k not in SERVER_METADATA}
+            data = {**data, "metadata": meta}
+        return data

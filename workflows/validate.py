@@ -1,0 +1,187 @@
+"""Validation of PSFTJob documents: schema errors and cross-field rules, all at once.
+
+Every message names the field path (camelCase, as the user wrote it) and what would be
+valid. The operator and `psft validate` call the same `validate_job`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from psft.workflows.models import context_length_of
+from psft.workflows.spec import PSFTJob
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class InvalidJob(ValueError):
+    """A PSFTJob that failed validation; `errors` holds every problem found."""
+
+    def __init__(self, errors: list[FieldError], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{where}{len(errors)} error(s) in PSFTJob\n{lines}")
+
+
+def _loc_to_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"str", "CustomBenchmark"} or "[" in str(part):
+            # pydantic's union-member tags, not user fields
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _schema_errors(exc: ValidationError) -> list[FieldError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        path = _loc_to_path(err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (fields are camelCase, see docs/psftjob.md)"
+        elif err["type"] == "missing":
+            msg = "is required"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], dict | list):
+                msg = f"{msg} (got {err['input']!r})"
+        errors.append(FieldError(path, msg))
+    return errors
+
+
+Rule = Callable[[PSFTJob], Iterable[FieldError]]
+
+
+def _batch_sizes(job: PSFTJob) -> Iterable[FieldError]:
+    p = job.spec.psft
+    if p.mini_batch_size > p.batch_size:
+        yield FieldError(
+            "spec.psft.miniBatchSize",
+            f"({p.mini_batch_size}) must be at most spec.psft.batchSize ({p.batch_size})",
+        )
+    elif p.batch_size % p.mini_batch_size:
+        yield FieldError(
+            "spec.psft.miniBatchSize",
+            f"({p.mini_batch_size}) must divide spec.psft.batchSize ({p.batch_size})",
+        )
+    if p.micro_batch_size > p.mini_batch_size:
+        yield FieldError(
+            "spec.psft.microBatchSize",
+            f"({p.micro_batch_size}) must be at most spec.psft.miniBatchSize ({p.mini_batch_size})",
+        )
+    elif p.mini_batch_size % p.micro_batch_size:
+        yield FieldError(
+            "spec.psft.microBatchSize",
+            f"({p.micro_batch_size}) must divide spec.psft.miniBatchSize ({p.mini_batch_size})",
+        )
+    g = job.spec.grpo
+    if g.enabled and g.batch_size % g.mini_batch_size:
+        yield FieldError(
+            "spec.grpo.miniBatchSize",
+            f"({g.mini_batch_size}) must divide spec.grpo.batchSize ({g.batch_size})",
+        )
+
+
+def _context_length(job: PSFTJob) -> Iterable[FieldError]:
+    d = job.spec.dataset
+    limit = job.spec.model.max_context_length or context_length_of(job.spec.model.source)
+    if limit is not None and d.max_prompt_length + d.max_response_length > limit:
+        yield FieldError(
+            "spec.dataset.maxResponseLength",
+            f"maxPromptLength ({d.max_prompt_length}) + maxResponseLength "
+            f"({d.max_response_length}) = {d.max_prompt_length + d.max_response_length} "
+            f"exceeds the model's context length ({limit}); lower one of them",
+        )
+
+
+def _storage(job: PSFTJob) -> Iterable[FieldError]:
+    s = job.spec.storage
+    if s.type == "s3" and s.s3 is None:
+        yield FieldError("spec.storage.s3", "is required when spec.storage.type is 's3'")
+
+
+def _grpo(job: PSFTJob) -> Iterable[FieldError]:
+    g = job.spec.grpo
+    if g.enabled and not g.prompts:
+        yield FieldError(
+            "spec.grpo.prompts",
+            "is required when spec.grpo.enabled is true: files of prompts with answers",
+        )
+
+
+def _resources(job: PSFTJob) -> Iterable[FieldError]:
+    r = job.spec.resources
+    if r.nodes > 1 and job.spec.psft.engine == "native":
+        yield FieldError(
+            "spec.psft.engine",
+            f"'native' runs on one node; resources.nodes is {r.nodes}: use 'verl' or 'auto'",
+        )
+    if r.nodes > 1 and r.gpus_per_node == 0:
+        yield FieldError("spec.resources.gpusPerNode", "must be > 0 for multi-node training")
+
+
+def _eval(job: PSFTJob) -> Iterable[FieldError]:
+    from psft.workflows.benchmarks import REGISTERED_BENCHMARKS
+
+    seen: set[str] = set()
+    for i, b in enumerate(job.spec.eval.benchmarks):
+        name = b if isinstance(b, str) else b.name
+        if isinstance(b, str) and b not in REGISTERED_BENCHMARKS:
+            yield FieldError(
+                f"spec.eval.benchmarks[{i}]",
+                f"unknown benchmark {b!r}; registered: {', '.join(sorted(REGISTERED_BENCHMARKS))}"
+                " (or give {name, path, type} for a custom file)",
+            )
+        if name in seen:
+            yield FieldError(f"spec.eval.benchmarks[{i}]", f"benchmark {name!r} is listed twice")
+        seen.add(name)
+
+
+RULES: list[Rule] = [_batch_sizes, _context_length, _storage, _grpo, _resources, _eval]
+
+
+def validate_job(data: dict[str, Any], source: str = "") -> PSFTJob:
+    """Parse and check a PSFTJob document; raise InvalidJob listing every error."""
+    if not isinstance(data, dict):
+        raise InvalidJob([FieldError("", "a PSFTJob must be a YAML mapping")], source)
+    try:
+        job = PSFTJob.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJob(_schema_errors(exc), source) from None
+    errors = [e for rule in RULES for e in rule(job)]
+    if errors:
+        raise InvalidJob(errors, source)
+    return job
+
+
+def load_job(path: str | Path) -> PSFTJob:
+    """Read and validate a PSFTJob YAML or JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidJob([FieldError("", f"cannot read file: {exc.strerror}")], str(path)) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise InvalidJob([FieldError("", f"not valid YAML/JSON: {exc}")], str(path)) from None
+    return validate_job(data, str(path))
