@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from psft.workflows.errors import UserError
+from psft.workflows.local import _prepare_run_dir, run_local, stage_argv
+from psft.workflows.validate import validate_job
+
+
+def make_job(tmp_path: Path, model: str = "m", **spec: dict) -> dict:
+    doc = {
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"source": model},
+            "dataset": {"train": [str(tmp_path / "train.jsonl")]},
+            "storage": {"local": {"path": str(tmp_path / "runs")}},
+        },
+    }
+    doc["spec"].update(spec)
+    return doc
+
+
+def test_stage_argv_is_a_list_without_shell() -> None:
+    argv = stage_argv("train", Path("/r/stages/train.json"))
+    assert argv[1:] == ["-m", "psft.workflows.cli", "train", "--config", "/r/stages/train.json"]
+
+
+def test_run_dir_refuses_a_different_spec(tmp_path: Path) -> None:
+    job = validate_job(make_job(tmp_path))
+    run_dir = _prepare_run_dir(job, fresh=False)
+    spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert spec["spec"]["psft"]["clipRatioHigh"] == 0.28  # defaults resolved
+    assert _prepare_run_dir(job, fresh=False) == run_dir  # same spec: fine
+    changed = validate_job(make_job(tmp_path, psft={"learningRate": 1e-5}))
+    with pytest.raises(UserError, match="different spec"):
+        _prepare_run_dir(changed, fresh=False)
+    (run_dir / "keep.txt").write_text("x")
+    assert _prepare_run_dir(changed, fresh=True) == run_dir
+    assert not (run_dir / "keep.txt").exists()
+
+
+def test_only_rejects_unknown_stage(tmp_path: Path) -> None:
+    job = validate_job(make_job(tmp_path))
+    with pytest.raises(UserError, match="unknown stage"):
+        run_local(job, only=["training"])
+
+
+def write_demonstrations(path: Path, n: int = 12) -> None:
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+            "demonstration": f"We add {i} and {i}: the sum is {2 * i}. \\boxed{{{2 * i}}}",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.integration
+def test_psft_run_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    write_demonstrations(tmp_path / "train.jsonl")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+            for i in range(3)
+        )
+    )
+    doc = make_job(
+        tmp_path,
+        model=str(tiny_model_dir),
+        psft={
+            "batchSize": 4,
+            "miniBatchSize": 2,
+            "microBatchSize": 1,
+            "maxSteps": 3,
+            "learningRate": 1e-3,
+            "warmupSteps": 1,
+            "saveEvery": 2,
+        },
+        resources={"device": "cpu"},
+        eval={
+            "benchmarks": [{"name": "adds", "path": str(bench)}],
+            "samples": 2,
+            "maxTokens": 12,
+            "limit": 2,
+        },
+        monitoring={"metricsPort": 0},
+    )
+    doc["spec"]["dataset"].update(maxPromptLength=64, maxResponseLength=64)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "psft.workflows.cli", "run", str(job_file), "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    records = [json.loads(x) for x in (run / "train/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r][:3] == [1, 2, 3]
+    assert all(r["entropy"] > 0 for r in records if "entropy" in r)
+    assert list((run / "train/final").glob("*.safetensors"))
+    assert (run / "report/entropy.png").stat().st_size > 1000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["training"]["train"]["steps"] == 3
+    assert summary["eval"] and summary["eval"][0]["benchmark"] == "adds"
+    assert "summary.json" in proc.stderr + proc.stdout
+    # a rerun of the same spec skips every finished stage
+    again = subprocess.run(
+        [sys.executable, "-m", "psft.workflows.cli", "run", str(job_file), "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0
+    assert again.stderr.count("skipped") >= 4

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from psft.workflows import layout
+from psft.workflows.pipeline import build_pipeline
+from psft.workflows.stages import StageConfig, stage_config
+from psft.workflows.validate import validate_job
+
+BASE = {
+    "metadata": {"name": "demo", "namespace": "ml"},
+    "spec": {"model": {"source": "m"}, "dataset": {"train": ["d.jsonl"]}},
+}
+
+
+def names(doc: dict) -> list[str]:
+    return [s.name for s in build_pipeline(validate_job(doc))]
+
+
+def test_default_pipeline() -> None:
+    assert names(BASE) == ["prepare", "train", "eval", "report"]
+
+
+def test_grpo_adds_stage_and_second_eval() -> None:
+    doc = {**BASE, "spec": {**BASE["spec"], "grpo": {"enabled": True, "prompts": ["p.jsonl"]}}}
+    stages = build_pipeline(validate_job(doc))
+    assert [s.name for s in stages] == ["prepare", "train", "eval", "grpo", "eval-grpo", "report"]
+    by_name = {s.name: s for s in stages}
+    assert by_name["eval-grpo"].target == "grpo" and by_name["eval"].target == "train"
+    seen: set[str] = set()
+    for s in stages:  # each stage after its dependencies
+        assert set(s.depends) <= seen
+        seen.add(s.name)
+
+
+def test_no_eval() -> None:
+    doc = {**BASE, "spec": {**BASE["spec"], "eval": {"enabled": False}}}
+    assert names(doc) == ["prepare", "train", "report"]
+
+
+def test_run_roots() -> None:
+    job = validate_job(BASE)
+    assert layout.run_root(job) == "runs/demo"
+    s3 = {
+        **BASE,
+        "metadata": {**BASE["metadata"], "uid": "u-1"},
+        "spec": {
+            **BASE["spec"],
+            "storage": {"type": "s3", "s3": {"endpoint": "minio:9000", "bucket": "ckpt"}},
+        },
+    }
+    assert layout.run_root(validate_job(s3)) == "s3://ckpt/psft/ml/demo/u-1"
+
+
+def test_stage_config_round_trip() -> None:
+    job = validate_job(BASE)
+    stage = build_pipeline(job)[2]
+    config = stage_config(job, stage, "runs/demo")
+    again = StageConfig.model_validate_json(config.dump())
+    assert again == config and again.target == "train" and again.kind == "eval"

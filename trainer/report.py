@@ -1,0 +1,216 @@
+"""The report stage: plots and one summary.json from what earlier stages wrote.
+
+Reads `train/metrics.jsonl` (and `grpo/metrics.jsonl`, eval summaries when present) and
+writes `report/entropy.png`, `report/eval.png`, `report/report.md` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from psft.workflows import layout
+from psft.workflows.stages import StageConfig
+
+TRAIN_STAGES = ("train", "grpo")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def step_series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that carry a finite `key`."""
+    steps, values = [], []
+    for r in records:
+        value = r.get(key)
+        if isinstance(value, int | float) and math.isfinite(value) and "step" in r:
+            steps.append(int(r["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def summarize_training(records: list[dict[str, Any]]) -> dict[str, Any]:
+    if not records:
+        return {}
+    _, entropy = step_series(records, "entropy")
+    last = records[-1]
+    _, val_loss = step_series(records, "val_loss")
+    keys = ("loss", "entropy", "clip_fraction", "ratio_mean", "approx_kl", "grad_norm")
+    return {
+        "steps": int(last.get("step", len(records))),
+        "total_steps": last.get("total_steps"),
+        "tokens": sum(int(r.get("tokens", 0)) for r in records),
+        "elapsed_s": last.get("elapsed_s"),
+        "final": {k: last[k] for k in keys if k in last},
+        "entropy": (
+            {"first": entropy[0], "last": entropy[-1], "min": min(entropy)} if entropy else {}
+        ),
+        "val_loss": {"first": val_loss[0], "last": val_loss[-1]} if val_loss else {},
+    }
+
+
+def plot_training(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
+    """Entropy and loss per step (validation NLL as markers where present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: recs for name, recs in runs.items() if recs}
+    if not runs:
+        return None
+    fig, (ax_ent, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in runs.items():
+        ax_ent.plot(*step_series(records, "entropy"), label=f"{name} entropy")
+        ax_loss.plot(*step_series(records, "loss"), label=f"{name} loss")
+        val_steps, val = step_series(records, "val_loss")
+        if val:
+            ax_loss.plot(val_steps, val, "o--", label=f"{name} held-out NLL")
+    ax_ent.set(title="Token entropy (response tokens)", xlabel="step", ylabel="nats")
+    ax_loss.set(title="Loss", xlabel="step")
+    for ax in (ax_ent, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def eval_rows(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Flatten an eval summary into rows of checkpoint, benchmark and scores."""
+    if not summary:
+        return []
+    rows = summary.get("results", summary.get("benchmarks", []))
+    return [r for r in rows if isinstance(r, dict) and "benchmark" in r]
+
+
+def plot_eval(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    labels = [f"{r['benchmark']}\n{r.get('checkpoint', '')}".strip() for r in rows]
+    values = [100 * float(r.get("avg_at_k", 0.0)) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
+    bars = ax.bar(labels, values, color="#4878d0")
+    ax.bar_label(bars, fmt="%.1f")
+    k = rows[0].get("k", "k")
+    ax.set(title=f"Avg@{k} (%)", ylim=(0, max(100.0, *values)))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def markdown_report(summary: dict[str, Any]) -> str:
+    lines = [f"# {summary['job']}: {summary['objective']} on {summary['model']}", ""]
+    for stage, info in summary["training"].items():
+        if not info:
+            continue
+        ent = info.get("entropy", {})
+        lines += [
+            f"## {stage}",
+            f"- steps: {info['steps']}, tokens: {info['tokens']}",
+            f"- entropy first/last/min: {ent.get('first', 'n/a')} / {ent.get('last', 'n/a')} / "
+            f"{ent.get('min', 'n/a')}",
+            f"- final: {json.dumps(info['final'])}",
+            "",
+        ]
+    if summary["eval"]:
+        lines += ["## Evaluation", "", "| checkpoint | benchmark | k | Avg@k | pass@k | maj@k |"]
+        lines.append("|---|---|---|---|---|---|")
+        for r in summary["eval"]:
+            lines.append(
+                f"| {r.get('checkpoint', '')} | {r['benchmark']} | {r.get('k', '')} | "
+                f"{r.get('avg_at_k', float('nan')):.3f} | {r.get('pass_at_k', float('nan')):.3f} | "
+                f"{r.get('maj_at_k', float('nan')):.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def build_summary(job_dir: Path, config: StageConfig) -> dict[str, Any]:
+    job = config.job
+    training = {
+        stage: summarize_training(read_jsonl(job_dir / layout.metrics(stage)))
+        for stage in TRAIN_STAGES
+    }
+    evals = []
+    for target in TRAIN_STAGES:
+        evals += eval_rows(read_json(job_dir / layout.eval_dir(target) / "summary.json"))
+    artifacts = {
+        "spec": layout.SPEC,
+        "train_metrics": layout.metrics("train"),
+        "final_checkpoint": layout.final_model("train"),
+        "report": layout.REPORT,
+    }
+    if job.spec.grpo.enabled:
+        artifacts["grpo_checkpoint"] = layout.final_model("grpo")
+    return {
+        "job": job.metadata.name,
+        "namespace": job.metadata.namespace,
+        "objective": job.spec.psft.objective,
+        "model": job.spec.model.source,
+        "run_root": config.run_root,
+        "training": {k: v for k, v in training.items() if v},
+        "eval": evals,
+        "artifacts": artifacts,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _pull_optional(store: Any, key: str) -> None:
+    if store.exists(key):
+        store.pull(key)
+
+
+def run(config: StageConfig) -> None:
+    from psft.trainer.storage import open_run_store
+
+    store = open_run_store(config)
+    for stage in TRAIN_STAGES:
+        _pull_optional(store, layout.metrics(stage))
+        _pull_optional(store, f"{layout.eval_dir(stage)}/summary.json")
+    job_dir = Path(store.work_dir)
+    report_dir = job_dir / layout.REPORT
+    summary = build_summary(job_dir, config)
+    runs = {s: read_jsonl(job_dir / layout.metrics(s)) for s in TRAIN_STAGES}
+    plots = [
+        plot_training(runs, report_dir / "entropy.png"),
+        plot_eval(summary["eval"], report_dir / "eval.png"),
+    ]
+    plots += _dashboard_panels(job_dir, report_dir)
+    summary["artifacts"]["plots"] = [str(p.relative_to(job_dir)) for p in plots if p is not None]
+    (report_dir / "report.md").write_text(markdown_report(summary))
+    (job_dir / layout.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    store.push(layout.REPORT)
+    store.push(layout.SUMMARY)
+    print(markdown_report(summary))
+
+
+def _dashboard_panels(job_dir: Path, report_dir: Path) -> list[Path | None]:
+    """The Grafana dashboards' panels drawn from metrics.jsonl (psft.workflows.dashboards)."""
+    try:
+        from psft.workflows.dashboards import render_panels
+    except ImportError:
+        return []
+    files = {s: job_dir / layout.metrics(s) for s in TRAIN_STAGES}
+    files = {s: p for s, p in files.items() if p.is_file()}
+    if not files:
+        return []
+    return list(render_panels(files, report_dir / "panels"))
