@@ -1,0 +1,122 @@
+"""The storage interface every stage uses: `RunStore`, its errors, and shared rules.
+
+A run's artifacts live under one root (a local folder, or `s3://bucket/prefix/...`) and
+are addressed by relative keys from `psft.workflows.layout`. A store keeps a local mirror
+of that root (`work_dir`): stages read and write plain files there, `pull` makes a key
+present locally and `push` publishes it.
+
+Checkpoints follow the marker protocol: `<stage>/checkpoints/step-N/` is written first,
+then the `latest` marker naming N is replaced atomically. Readers trust only the marker,
+so a crash between the files and the marker leaves the previous checkpoint in force.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from psft.workflows import layout
+from psft.workflows.errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = ".psft-manifest.json"
+"""Written last into every folder a store pushes: the files, sizes and ETags it holds."""
+
+
+class StorageError(UserError):
+    """Storage cannot be used as configured; the message says what to fix."""
+
+
+class MissingArtifact(StorageError):
+    """A key that a stage needs is not in the run's storage."""
+
+
+@runtime_checkable
+class RunStore(Protocol):
+    """Where a run's artifacts live. Keys are relative to the run root."""
+
+    work_dir: Path
+    """Local mirror of the run root (the run root itself for local storage)."""
+
+    @property
+    def root(self) -> str:
+        """The run root as configured: a folder or an s3:// URI (for messages)."""
+        ...
+
+    def local_path(self, key: str) -> Path:
+        """Where `key` lives (or will live) in `work_dir`; nothing is transferred."""
+        ...
+
+    def pull(self, key: str) -> Path:
+        """Make file or folder `key` present locally and return its path."""
+        ...
+
+    def push(self, key: str) -> None:
+        """Publish the local file or folder `key` (no-op for local storage)."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether file or folder `key` exists in the run's storage."""
+        ...
+
+    def checkpoint_dir(self, stage: str, step: int) -> Path:
+        """An empty local folder for checkpoint `step` of `stage` (stale files removed)."""
+        ...
+
+    def commit_checkpoint(self, stage: str, step: int) -> None:
+        """Publish checkpoint `step`, then atomically point the `latest` marker at it."""
+        ...
+
+    def latest_checkpoint(self, stage: str) -> int | None:
+        """Step named by the `latest` marker of `stage`, or None before the first commit."""
+        ...
+
+
+def marker_body(step: int) -> bytes:
+    return (json.dumps({"step": step, "checkpoint": f"step-{step}"}) + "\n").encode()
+
+
+def parse_marker(body: bytes, where: str) -> int:
+    """The step a `latest` marker names; a clear error for a damaged marker."""
+    try:
+        data = json.loads(body.decode())
+        step = int(data["step"]) if isinstance(data, dict) else int(data)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise StorageError(
+            f"{where} is not a valid checkpoint marker ({exc}); delete it to start the stage "
+            'from scratch, or write {"step": N} naming a complete checkpoint'
+        ) from exc
+    if step < 0:
+        raise StorageError(f"{where} names a negative step ({step})")
+    return step
+
+
+def checkpoint_steps(names: list[str]) -> list[int]:
+    """Step numbers of the `step-N` entries among `names`, ascending."""
+    return sorted(int(m.group(1)) for n in names if (m := STEP_DIR.match(n)))
+
+
+def steps_to_prune(steps: list[int], latest: int, keep: int) -> list[int]:
+    """Checkpoints to delete: all but the `keep` newest at or below the marker's step.
+
+    Steps above the marker are left alone: they belong to an upload in progress (or a
+    crashed one that the next save of that step overwrites).
+    """
+    committed = sorted(s for s in steps if s <= latest)
+    kept = set(committed[-max(keep, 1) :]) | {latest}
+    return [s for s in committed if s not in kept]
+
+
+def validate_key(key: str) -> str:
+    """A relative key without '..' or a leading '/', normalised (no trailing '/')."""
+    norm = key.strip().strip("/")
+    parts = norm.split("/")
+    if not norm or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid artifact key {key!r}: use a relative path like 'train/final'")
+    return norm
+
+
+def checkpoints_key(stage: str) -> str:
+    return layout.checkpoints(stage)

@@ -1,0 +1,16 @@
+"""`fetch_uri`: model and dataset inputs given as local paths or `s3://` URIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def fetch_uri(uri: str, cache_dir: Path | None = None, **s3_options: object) -> Path:
+    """A local path for `uri`: `s3://` objects or folders are downloaded once into a cache
+    and verified by size and ETag; anything else (a path, a registered model name) passes
+    through unchanged, so the caller reports a missing local file in its own terms."""
+    if uri.startswith("s3://"):
+        from psft.trainer.storage.s3 import fetch_s3_uri
+
+        return fetch_s3_uri(uri, cache_dir=cache_dir, **s3_options)  # type: ignore[arg-type]
+    return Path(uri.removeprefix("file://")).expanduser()
