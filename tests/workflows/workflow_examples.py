@@ -1,0 +1,28 @@
+"""PSFTJob examples of the repository, for the workflows tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def example_files() -> list[Path]:
+    """Every PSFTJob document under examples/ (other kinds are skipped)."""
+    found = []
+    for path in sorted((REPO / "examples").rglob("*.y*ml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+        if any(d.get("kind") == "PSFTJob" for d in docs):
+            found.append(path)
+    return found
+
+
+def psftjob_docs(path: Path) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in yaml.safe_load_all(path.read_text())
+        if isinstance(d, dict) and d.get("kind") == "PSFTJob"
+    ]
