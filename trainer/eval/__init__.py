@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, prompting, generation backends, grading and metrics."""

@@ -1,0 +1,1 @@
+"""Generation backends for evaluation: transformers (CPU, one GPU) and vLLM (GPU pods)."""
