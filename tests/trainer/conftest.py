@@ -28,3 +28,42 @@ def smollm2_dir(psft_cache: Path) -> Path:
             del os.environ["PSFT_CACHE"]
         else:
             os.environ["PSFT_CACHE"] = old
+
+
+def stage_config_for(
+    tmp_path: Path, model: str, train: list[str], *, kind: str = "prepare", **sections: dict
+):
+    """A StageConfig of a job whose run root is tmp_path/run (sections override the spec)."""
+    from psft.workflows.spec import PSFTJob
+    from psft.workflows.stages import StageConfig
+
+    spec: dict = {
+        "model": {"source": model},
+        "dataset": {"train": train},
+        "psft": {"batchSize": 2, "miniBatchSize": 1, "microBatchSize": 1, "warmupSteps": 0},
+        "resources": {"device": "cpu"},
+        "monitoring": {"enabled": False},
+    }
+    for name, values in sections.items():
+        spec[name] = {**spec.get(name, {}), **values}
+    job = PSFTJob.model_validate(
+        {
+            "apiVersion": "psft.dev/v1alpha1",
+            "kind": "PSFTJob",
+            "metadata": {"name": "t"},
+            "spec": spec,
+        }
+    )
+    return StageConfig(
+        stage=kind, kind=kind, job=job, run_root=str(tmp_path / "run"), progress=False
+    )
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_model_dir: Path):
+    def make(train: list[str], *, kind: str = "prepare", model: str | None = None, **sections):
+        return stage_config_for(
+            tmp_path, model or str(tiny_model_dir), train, kind=kind, **sections
+        )
+
+    return make
