@@ -1,0 +1,385 @@
+"""PSFT on verl's engine-based SFT trainer (no rollout engine).
+
+Per global batch (`data.train_batch_size` demonstrations):
+1. one no-grad forward through verl's engine (`infer_batch`) records the old log-probs
+   and the entropy of the current policy on the response tokens;
+2. `TrainingWorker.train_mini_batch` then runs batchSize/miniBatchSize optimizer updates
+   in order, each with the PSFT loss of `psft.trainer.loss` (the same function the native
+   engine calls), normalised over the whole mini-batch so micro-batches add up exactly.
+
+The loss is also registered in verl's policy-loss registry as `psft`, so verl's PPO/GRPO
+actor can use it (`actor_rollout_ref.actor.policy_loss.loss_mode=psft`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pandas as pd
+import torch
+from tensordict import TensorDict
+from verl.trainer.ppo.core_algos import register_policy_loss
+from verl.trainer.sft_trainer import SFTTrainer
+from verl.utils import tensordict_utils as tu
+
+from psft.trainer.loss import AggMode, PolicyStats, policy_loss, sft_loss
+
+STAT_KEYS = ("tokens", "clipped", "ratio_sum", "ratio_max", "kl_sum")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    objective: str = "psft"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 10.0
+    loss_agg_mode: AggMode = "token-mean"
+
+    @classmethod
+    def from_config(cls, section: Any) -> LossSettings:
+        return cls(
+            objective=str(section.objective),
+            clip_ratio_low=float(section.clip_ratio_low),
+            clip_ratio_high=float(section.clip_ratio_high),
+            clip_ratio_c=float(section.clip_ratio_c),
+            loss_agg_mode=str(section.loss_agg_mode),  # type: ignore[arg-type]
+        )
+
+
+def _padded(nested: torch.Tensor) -> torch.Tensor:
+    """[B, j] jagged -> [B, T] right-padded with zeros (sequence by sequence, so views
+    sliced out of a larger nested batch keep their own lengths)."""
+    if not nested.is_nested:
+        return nested
+    rows = list(nested.unbind())
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+
+
+def shifted_response_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """verl's log_probs[t] scores token t+1, so the mask moves one to the left per row.
+
+    The wrapped-around last column takes the first token's mask, which is a prompt token
+    (0): sequences always start with a prompt.
+    """
+    return torch.roll(_padded(loss_mask).float(), shifts=-1, dims=-1)
+
+
+def _denominator(data: TensorDict, mode: AggMode) -> float:
+    dp_size = int(data["dp_size"])
+    if mode == "token-mean":
+        return float(data["batch_num_tokens"]) / dp_size
+    return float(tu.get_non_tensor_data(data, "psft_mini_batch_seqs", None)) / dp_size
+
+
+def psft_engine_loss(
+    settings: LossSettings, model_output: dict, data: TensorDict, dp_group: Any = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl engine loss function for one micro-batch of a mini-batch update."""
+    logp = _padded(model_output["log_probs"])
+    old_logp = _padded(data["old_log_probs"]).to(logp.dtype)
+    mask = shifted_response_mask(data["loss_mask"]).to(logp.device)
+    denominator = _denominator(data, settings.loss_agg_mode)
+    if settings.objective == "sft":
+        out = sft_loss(
+            logp, mask, agg_mode=settings.loss_agg_mode, denominator=denominator, old_logp=old_logp
+        )
+    else:
+        out = policy_loss(
+            logp,
+            old_logp,
+            1.0,
+            mask,
+            clip_low=settings.clip_ratio_low,
+            clip_high=settings.clip_ratio_high,
+            clip_c=settings.clip_ratio_c,
+            agg_mode=settings.loss_agg_mode,
+            denominator=denominator,
+        )
+    stats = out.stats
+    metrics = {f"psft/{k}": float(getattr(stats, k)) for k in STAT_KEYS}
+    return out.loss, metrics
+
+
+@register_policy_loss("psft")
+def compute_policy_loss_psft(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl policy-loss registry entry: psft.trainer.loss.policy_loss with verl's
+    global-batch normalisation (`config.global_batch_info`) and verl's metric names."""
+    if rollout_is_weights is not None:
+        raise ValueError("policy loss 'psft' does not support rollout importance weights")
+    info = dict(getattr(config, "global_batch_info", None) or {})
+    dp_size = int(info.get("dp_size") or 1)
+    denominator = None
+    if loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is not None:
+        denominator = float(info["batch_num_tokens"]) / dp_size
+    elif loss_agg_mode != "token-mean" and info.get("global_batch_size") is not None:
+        denominator = float(info["global_batch_size"]) / dp_size
+    clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    out = policy_loss(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        clip_low=float(clip_low),
+        clip_high=float(clip_high),
+        clip_c=float(config.get("clip_ratio_c", 3.0)),
+        agg_mode=loss_agg_mode,  # type: ignore[arg-type]
+        denominator=denominator,
+    )
+    means = out.stats.means()
+    return out.loss, {
+        "actor/pg_clipfrac": means["clip_fraction"],
+        "actor/ppo_kl": means["approx_kl"],
+        "actor/ratio_mean": means["ratio_mean"],
+    }
+
+
+class PreTokenizedDataset(torch.utils.data.Dataset):
+    """Rows tokenized once by the prepare stage: `input_ids` and `loss_mask` (1 on response
+    tokens). Both engines train on exactly these ids; verl's collator nests them."""
+
+    def __init__(self, parquet_files, tokenizer, config, processor=None, max_samples: int = -1):
+        files = [parquet_files] if isinstance(parquet_files, str) else list(parquet_files)
+        frame = pd.concat([pd.read_parquet(f, columns=["input_ids", "loss_mask"]) for f in files])
+        if max_samples and max_samples > 0:
+            frame = frame.iloc[:max_samples]
+        self.input_ids = [torch.as_tensor(list(v), dtype=torch.long) for v in frame["input_ids"]]
+        self.loss_mask = [torch.as_tensor(list(v), dtype=torch.long) for v in frame["loss_mask"]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[index]
+        return {
+            "input_ids": ids,
+            "position_ids": torch.arange(ids.shape[0], dtype=torch.long),
+            "loss_mask": self.loss_mask[index],
+        }
+
+
+def _flatten(values: Any) -> list[float]:
+    if isinstance(values, (list, tuple)):
+        return [x for v in values for x in _flatten(v)]
+    if isinstance(values, torch.Tensor):
+        return [float(x) for x in values.flatten().tolist()]
+    if hasattr(values, "value"):  # verl Metric
+        return _flatten(values.value)
+    return [float(values)]
+
+
+def _stats_from_metrics(metrics: dict) -> PolicyStats:
+    parts = {k: _flatten(metrics.get(f"psft/{k}", [])) for k in STAT_KEYS}
+    return PolicyStats(
+        tokens=sum(parts["tokens"]),
+        clipped=sum(parts["clipped"]),
+        ratio_sum=sum(parts["ratio_sum"]),
+        ratio_max=max(parts["ratio_max"], default=0.0),
+        kl_sum=sum(parts["kl_sum"]),
+    )
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+class PSFTTrainer(SFTTrainer):
+    """verl's SFTTrainer with PSFT steps: old log-probs once per batch, then mini-batches.
+
+    `on_step(record)` receives each step's metrics with the names of the native engine
+    (loss, entropy, clip_fraction, ratio_mean, ...); `on_checkpoint(step, path)` is called
+    after verl saves a checkpoint.
+    """
+
+    def __init__(
+        self,
+        config,
+        on_step: StepCallback | None = None,
+        on_checkpoint: Callable[[int, str], None] | None = None,
+    ):
+        self.loss_settings = LossSettings.from_config(config.psft)
+        self.mini_batch_size = int(config.psft.mini_batch_size)
+        self.on_step = on_step
+        self.on_checkpoint = on_checkpoint
+        super().__init__(config)
+
+    def _build_engine(self) -> None:
+        super()._build_engine()
+        self.loss_fn = partial(psft_engine_loss, self.loss_settings)
+        self.training_client.set_loss_fn(loss_fn=self.loss_fn)
+
+    def _build_dataloader(self) -> None:
+        super()._build_dataloader()
+        # verl always shuffles with seed 0; follow dataset.shuffle and psft.seed instead
+        self.train_sampler = torch.utils.data.DistributedSampler(
+            self.train_dataset,
+            shuffle=bool(self.config.psft.shuffle),
+            seed=int(self.config.trainer.seed),
+            num_replicas=self.engine.get_data_parallel_size(),
+            rank=self.engine.get_data_parallel_rank(),
+            drop_last=True,
+        )
+        loader_cls = type(self.train_dataloader)
+        self.train_dataloader = loader_cls(
+            dataset=self.train_dataset,
+            batch_size=self.train_batch_size_per_dp,
+            sampler=self.train_sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.config.data.num_workers,
+            pin_memory=False,
+            drop_last=True,
+        )
+
+    def _meta_info(self) -> dict[str, Any]:
+        return {
+            "use_remove_padding": self.config.model.use_remove_padding,
+            "use_dynamic_bsz": self.config.data.use_dynamic_bsz,
+            "max_token_len_per_gpu": self.config.data.max_token_len_per_gpu,
+            "micro_batch_size_per_gpu": self.config.data.micro_batch_size_per_gpu,
+            "temperature": 1.0,
+            "global_batch_size": self.global_batch_size,
+            "pad_mode": self.config.data.pad_mode,
+            "pad_token_id": self.model_config.tokenizer.pad_token_id,
+        }
+
+    def _old_logprobs(self, data: TensorDict) -> float | None:
+        """No-grad forward of the whole batch: stores old_log_probs, returns the entropy
+        (token mean over response tokens, all data-parallel ranks)."""
+        infer = data.clone()
+        tu.assign_non_tensor(infer, compute_loss=False, calculate_entropy=True)
+        output = self.training_client.infer_batch(infer)
+        log_probs = tu.get(output, "log_probs") if output is not None else None
+        if log_probs is None:
+            raise RuntimeError("verl returned no log-probs for the old-policy forward")
+        data["old_log_probs"] = log_probs.detach()
+        entropy = _padded(tu.get(output, "entropy"))
+        mask = shifted_response_mask(data["loss_mask"])
+        local = torch.stack([(entropy * mask).sum(), mask.sum()]).double()
+        group = self.engine.get_data_parallel_group()
+        if group is not None and self.engine.get_data_parallel_size() > 1:
+            torch.distributed.all_reduce(local, group=group)
+        return float(local[0] / local[1].clamp(min=1.0))
+
+    def _train_step(self, data: TensorDict) -> dict[str, Any]:
+        lr_used = float(self.engine.optimizer.param_groups[0]["lr"])
+        entropy = self._old_logprobs(data)
+        tu.assign_non_tensor(
+            data,
+            mini_batch_size=self.mini_batch_size,
+            epochs=1,
+            psft_mini_batch_seqs=self.mini_batch_size,
+        )
+        output = self.training_client.train_mini_batch(data)
+        metrics = tu.get(output, "metrics") if output is not None else {}
+        record: dict[str, Any] = {
+            "loss": _mean(_flatten(metrics.get("loss", []))),
+            "entropy": entropy,
+            "grad_norm": _mean(_flatten(metrics.get("grad_norm", []))),
+        }
+        record["learning_rate"] = lr_used
+        record.update(_stats_from_metrics(metrics).means())
+        return record
+
+    def _validate(self) -> dict[str, float]:
+        """Held-out NLL and entropy, token means over response tokens (no update)."""
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in self.val_dataloader or []:
+            data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
+            tu.assign_non_tensor(data, compute_loss=False, calculate_entropy=True)
+            output = self.training_client.infer_batch(data)
+            mask = shifted_response_mask(data["loss_mask"])
+            logp = _padded(tu.get(output, "log_probs"))
+            entropy = _padded(tu.get(output, "entropy"))
+            sums += torch.stack([-(logp * mask).sum(), (entropy * mask).sum(), mask.sum()]).double()
+        group = self.engine.get_data_parallel_group()
+        if group is not None and self.engine.get_data_parallel_size() > 1:
+            torch.distributed.all_reduce(sums, group=group)
+        if sums[2] == 0:
+            return {}
+        return {"val_loss": float(sums[0] / sums[2]), "val_entropy": float(sums[1] / sums[2])}
+
+    def fit(self) -> int:
+        """Train to the configured number of steps; returns the last step."""
+        step = self.resume_global_step
+        start_epoch = step // self.steps_per_epoch
+        save_freq = int(self.config.trainer.save_freq)
+        started = time.monotonic()
+        total_tokens = 0
+        for epoch in range(start_epoch, int(self.config.trainer.total_epochs)):
+            self.train_sampler.set_epoch(epoch)
+            for batch in self.train_dataloader:
+                step += 1
+                t0 = time.monotonic()
+                data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
+                record = self._train_step(data)
+                tokens = int(sum(self._get_batch_seqlens(data)))
+                total_tokens += tokens
+                elapsed = time.monotonic() - t0
+                last = step >= self.total_training_steps
+                saving = last or (save_freq > 0 and step % save_freq == 0)
+                if saving and self.val_dataloader is not None:
+                    record.update(self._validate())
+                record.update(
+                    step=step,
+                    total_steps=self.total_training_steps,
+                    epoch=epoch,
+                    tokens=total_tokens,
+                    tokens_per_second=tokens / max(elapsed, 1e-9),
+                    elapsed_s=time.monotonic() - started,
+                )
+                if self.on_step is not None and self.rank == 0:
+                    self.on_step(record)
+                if saving:
+                    self.ckpt_handler.save_checkpoint(step=step)
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(step, self.config.trainer.default_local_dir)
+                if last:
+                    return step
+        return step
+
+
+def export_hf_model(trainer: SFTTrainer, source_model: str, out_dir: str) -> None:
+    """Gather the FSDP-sharded policy into one Hugging Face folder (safetensors) on rank 0,
+    in the dtype of the source model's config, with the tokenizer next to it."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(trainer.engine.module, options=options)
+    if trainer.rank != 0:
+        return
+    trust = bool(trainer.config.model.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(source_model, trust_remote_code=trust)
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    trainer.model_config.tokenizer.save_pretrained(out)
+    generation = Path(source_model) / "generation_config.json"
+    if generation.exists() and not (out / "generation_config.json").exists():
+        (out / "generation_config.json").write_text(generation.read_text())

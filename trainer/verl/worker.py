@@ -1,0 +1,77 @@
+"""One training process of a verl PSFT run (started by `launch` through torchrun).
+
+    python -m torch.distributed.run ... -m psft.trainer.verl.worker \\
+        --stage-config stage.json --verl-config verl.yaml --final-dir <run>/train/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="psft-verl-worker")
+    p.add_argument("--stage-config", required=True)
+    p.add_argument("--verl-config", required=True)
+    p.add_argument("--final-dir", required=True)
+    p.add_argument("--metrics", required=True, help="metrics.jsonl written by rank 0")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from psft.trainer.verl.launch import prepare_environment
+
+    prepare_environment(os.environ.get("VERL_PLATFORM") or "cuda")
+    import verl  # noqa: F401  (loads VERL_USE_EXTERNAL_MODULES)
+
+    config = OmegaConf.load(args.verl_config)
+    if config.trainer.device == "cpu":
+        from psft.trainer.verl import platform_cpu
+
+        platform_cpu.install()
+        platform_cpu.init_process_group()
+    else:
+        from verl.utils.distributed import initialize_global_process_group
+
+        initialize_global_process_group()
+
+    from verl.utils.device import auto_set_device
+
+    from psft.trainer.verl.psft_trainer import PSFTTrainer, export_hf_model
+
+    auto_set_device(config)
+    rank = dist.get_rank()
+    telemetry = None
+    if rank == 0:
+        from pathlib import Path
+
+        from psft.trainer.telemetry import Telemetry
+        from psft.workflows.stages import read_stage_config
+
+        stage_config = read_stage_config(args.stage_config)
+        telemetry = Telemetry(stage_config, Path(args.metrics))
+        telemetry.open()
+    try:
+        trainer = PSFTTrainer(config, on_step=telemetry.log if telemetry else None)
+        if trainer.resume_global_step and telemetry is not None:
+            telemetry.rewind(trainer.resume_global_step)
+        trainer.fit()
+        export_hf_model(trainer, str(config.model.path), args.final_dir)
+    finally:
+        if telemetry is not None:
+            telemetry.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
