@@ -1,0 +1,196 @@
+"""The chart with the real helm 4.3: lint, render, validate every manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from chart_helpers import ALL_ON, CHART, NAMESPACE, RELEASE, Render, by_kind, one
+from k8s_tools import run_tool
+
+K8S_VERSION = "1.37.0"
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+def validate_builtin(docs: list[dict[str, Any]]) -> None:
+    """Every built-in object against Kubernetes' own schema, unknown fields rejected."""
+    for doc in docs:
+        if doc["kind"] in PROMETHEUS_OPERATOR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {exc}") from None
+
+
+def test_lint_strict_defaults_and_all_flags(chart_dir: Path, tmp_path: Path) -> None:
+    run_tool("helm", "lint", "--strict", str(chart_dir))
+    values = tmp_path / "all-on.yaml"
+    values.write_text(yaml.safe_dump(ALL_ON))
+    run_tool("helm", "lint", "--strict", str(chart_dir), "--values", str(values))
+
+
+def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
+    docs = helm_template()
+    validate_builtin(docs)
+    kinds = sorted(d["kind"] for d in docs)
+    assert not PROMETHEUS_OPERATOR_KINDS & set(kinds), "monitoring CRs must be opt-in"
+    assert "ConfigMap" not in kinds, "no artifact repository or dashboards by default"
+    assert not [d for d in docs if d["metadata"]["name"].startswith("stand-in-")]
+
+    deploy = one(docs, "Deployment", "operator")
+    assert deploy["metadata"]["namespace"] == NAMESPACE
+    assert deploy["spec"]["replicas"] == 2
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["image"] == "ghcr.io/psft-dev/psft-operator:0.1.0"
+    assert container["args"][0] == "operator"
+    assert "--all-namespaces" in container["args"]
+    assert "--peering=psft-operator" in container["args"], "2 replicas need leader election"
+    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+    service = one(docs, "Service", "metrics")
+    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics" and "metrics" in ports
+
+    workflow_sa = [
+        d for d in by_kind(docs, "ServiceAccount") if "workflow" in d["metadata"]["name"]
+    ]
+    assert [d["metadata"]["namespace"] for d in workflow_sa] == [NAMESPACE]
+    role = one(docs, "Role", "workflow")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["argoproj.io"],
+            "resources": ["workflowtaskresults"],
+            "verbs": ["create", "patch"],
+        }
+    ]
+
+
+def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
+    docs = helm_template(ALL_ON)
+    validate_builtin(docs)
+    kinds = {d["kind"] for d in docs}
+    assert kinds >= PROMETHEUS_OPERATOR_KINDS | {"ConfigMap", "Role", "RoleBinding"}
+    stand_ins = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap")
+    for dep in ("argo-workflows", "minio", "kube-prometheus-stack"):
+        assert f"stand-in-{dep}" in stand_ins, f"condition {dep}.enabled did not enable it"
+
+    deploy = one(docs, "Deployment", "operator")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/psft-dev/psft-operator@sha256:" + "0" * 64
+    assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
+    assert "--all-namespaces" not in container["args"]
+    for doc in docs:
+        if not doc["metadata"]["name"].startswith("stand-in-"):
+            assert doc["metadata"]["labels"]["cost-center"] == "research"
+
+    # operator: a Role per watched namespace, no cluster-wide access to namespaced objects
+    roles = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-operator")]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert [d["metadata"]["name"] for d in by_kind(docs, "ClusterRole")] == [
+        "psft-operator-cluster"
+    ]
+
+    # artifact repository: one ConfigMap per workflow namespace, endpoint = bundled MinIO
+    repos = [
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "artifact-repositories"
+    ]
+    assert sorted(r["metadata"]["namespace"] for r in repos) == ["team-a", "team-b"]
+    repo = repos[0]
+    key = repo["metadata"]["annotations"]["workflows.argoproj.io/default-artifact-repository"]
+    s3 = yaml.safe_load(repo["data"][key])["s3"]
+    assert s3["endpoint"] == f"{RELEASE}-minio.{NAMESPACE}.svc:9000"
+    assert s3["bucket"] == "psft-artifacts" and s3["insecure"] is True
+    assert s3["keyFormat"] == "psft/{{workflow.namespace}}/{{workflow.name}}/{{pod.name}}"
+    assert s3["accessKeySecret"] == {"name": "psft-s3-credentials", "key": "accessKey"}
+
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    pods = one(docs, "PodMonitor")
+    assert pods["spec"]["namespaceSelector"]["matchNames"] == ["team-a", "team-b"]
+    assert pods["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+
+    rule = one(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {"PSFTEntropyCollapse", "PSFTJobStuck", "PSFTJobFailed"}
+    assert all(a["labels"]["team"] == "ml" for a in alerts.values())
+
+
+def test_dashboards_are_configmaps_for_the_grafana_sidecar(helm_template: Render) -> None:
+    docs = helm_template({"dashboards": {"enabled": True}})
+    maps = [d for d in by_kind(docs, "ConfigMap") if "dashboard" in d["metadata"]["name"]]
+    files = sorted((CHART / "dashboards").glob("*.json"))
+    assert len(maps) == len(files) >= 2
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((name, text),) = cm["data"].items()
+        assert json.loads(text) == json.loads((CHART / "dashboards" / name).read_text())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"artifactRepository": {"create": True}},
+            "/artifactRepository/s3/bucket",
+        ),
+        (
+            {"artifactRepository": {"create": True, "s3": {"bucket": "psft-artifacts"}}},
+            "artifactRepository.s3.endpoint is required",
+        ),
+        (
+            {
+                "artifactRepository": {
+                    "create": True,
+                    "existingConfigMap": "mine",
+                    "s3": {"bucket": "b42", "endpoint": "s3:9000"},
+                }
+            },
+            "not both",
+        ),
+        ({"operator": {"replicas": "two"}}, "/operator/replicas"),
+        ({"operator": {"replica": 2}}, "'replica' not allowed"),
+        ({"operator": {"replicas": 3, "leaderElection": {"enabled": False}}}, "leaderElection"),
+        ({"alerts": {"entropyCollapse": {"fraction": 1.5}}}, "/alerts/entropyCollapse/fraction"),
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+        (
+            {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+            "metrics.service.enabled",
+        ),
+    ],
+)
+def test_bad_or_missing_values_fail_with_the_key(
+    chart_dir: Path, tmp_path: Path, values: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = run_tool("helm", "template", RELEASE, str(chart_dir), "--values", str(path), check=False)
+    assert proc.returncode != 0, f"helm template accepted {values}"
+    assert message in proc.stderr, proc.stderr
+
+
+def test_crds_ship_with_the_chart(chart_dir: Path) -> None:
+    crd_files = sorted((CHART / "crds").glob("*.yaml"))
+    if not crd_files:
+        pytest.fail("charts/psft/crds/ holds no CRD (generated by psft.workflows.crd)")
+    proc = run_tool("helm", "template", RELEASE, str(chart_dir), "--include-crds")
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    crds = by_kind(docs, "CustomResourceDefinition")
+    assert "psftjobs.psft.dev" in {c["metadata"]["name"] for c in crds}
