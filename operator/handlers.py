@@ -1,0 +1,122 @@
+"""kopf handlers: each a thin entry point into psft.operator.reconcile.
+
+Registered in `REGISTRY` (not kopf's global one) so that importing this module has no side
+effects on other kopf operators in the same process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from psft.operator import cleanup, kube, metrics, reconcile
+
+REGISTRY = kopf.OperatorRegistry()
+JOBS = (kube.JOB_GROUP, kube.JOB_VERSION, kube.JOB_PLURAL)
+WORKFLOWS = (kube.WF_GROUP, kube.WF_VERSION, kube.WF_PLURAL)
+
+
+def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
+    """Operator settings: our own annotation prefix, no event per handler, bounded retries."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="psft.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="psft.dev", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "psft.dev/artifacts"
+    settings.posting.level = logging.WARNING  # our handlers post the meaningful Events
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    settings.batching.worker_limit = 64
+    settings.execution.max_workers = 16
+    return settings
+
+
+@kopf.on.login(registry=REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, then $KUBECONFIG (kopf's own client)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup(registry=REGISTRY)
+def connect(**_: Any) -> None:
+    kube.connect()
+
+
+@kopf.on.cleanup(registry=REGISTRY)
+def disconnect(**_: Any) -> None:
+    kube.disconnect()
+
+
+@kopf.on.resume(*JOBS, registry=REGISTRY)
+@kopf.on.create(*JOBS, registry=REGISTRY)
+@kopf.on.update(*JOBS, registry=REGISTRY)
+def reconcile_job(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """Validate, create/adopt/restart the Workflow, suspend/resume it, update status."""
+    started = time.perf_counter()
+    result = "error"
+    try:
+        result = reconcile.reconcile_job(_plain(body), logger)
+    except kopf.TemporaryError:
+        result = "retry"
+        raise
+    finally:
+        metrics.RECONCILES.labels(result).inc()
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
+def _owned_workflow(body: kopf.Body, **_: Any) -> bool:
+    return reconcile.owner_of(_plain(body)) is not None
+
+
+@kopf.on.event(*WORKFLOWS, when=_owned_workflow, registry=REGISTRY)
+def workflow_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Mirror an owned Workflow's progress into its PSFTJob's status."""
+    owner = reconcile.owner_of(_plain(body))
+    if owner is None:
+        return
+    started = time.perf_counter()
+    result = "error"
+    try:
+        reconcile.sync_status(body["metadata"]["namespace"], owner[0])
+        result = "ok"
+    except kopf.TemporaryError:
+        result = "retry"
+        raise
+    finally:
+        metrics.RECONCILES.labels(result).inc()
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
+def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("storage") or {}).get("deleteOnJobDeletion"))
+
+
+@kopf.on.delete(*JOBS, when=_deletes_artifacts, registry=REGISTRY)
+def delete_artifacts(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """storage.deleteOnJobDeletion: remove the run's artifacts (the finalizer waits for it)."""
+    job, errors = reconcile.validate(_plain(body))
+    if job is None:
+        logger.warning(f"not deleting artifacts of an invalid job: {'; '.join(errors)}")
+        return
+    cleanup.delete_artifacts(job, logger)
+
+
+def _deleted(type: str | None, **_: Any) -> bool:
+    return type == "DELETED"
+
+
+@kopf.on.event(*JOBS, when=_deleted, registry=REGISTRY)
+def forget_job(meta: kopf.Meta, **_: Any) -> None:
+    """A job is gone: drop it from the metrics (its Workflow goes by cascade deletion)."""
+    metrics.TRACKER.forget(meta["namespace"], meta["name"])
+    reconcile.forget(meta["namespace"], meta["name"])
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A deep copy of the raw object (kopf's Body is a read-only view)."""
+    return copy.deepcopy(dict(body))

@@ -1,0 +1,42 @@
+"""The Kubernetes permissions the operator's code uses, for the chart's ClusterRole/Role.
+
+Keep this list exact: the chart renders it and a test compares it with the API calls the
+operator makes against the emulator (tests/operator/test_rbac.py).
+"""
+
+from __future__ import annotations
+
+OPERATOR_RULES: list[dict[str, list[str]]] = [
+    # the custom resource: kopf watches and patches it (finalizers, progress annotations)
+    {
+        "apiGroups": ["psft.dev"],
+        "resources": ["psftjobs"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    # status is written only through the status subresource
+    {"apiGroups": ["psft.dev"], "resources": ["psftjobs/status"], "verbs": ["get", "patch"]},
+    # the owned Argo Workflow: created, watched, suspended/resumed, deleted on restart
+    {
+        "apiGroups": ["argoproj.io"],
+        "resources": ["workflows"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    # Events on PSFTJobs (kopf posts them)
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    # kopf's discovery of namespaces and custom resources at runtime
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    },
+    # kopf peering (leader election between replicas)
+    {
+        "apiGroups": ["kopf.dev"],
+        "resources": ["kopfpeerings", "clusterkopfpeerings"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    # S3 credentials of jobs with storage.deleteOnJobDeletion (artifact cleanup)
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+]

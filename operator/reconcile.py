@@ -1,0 +1,246 @@
+"""Level-triggered reconciliation of one PSFTJob: its Workflow, then its status.
+
+`reconcile_job` makes the world match the spec (validate, create or adopt the Workflow,
+restart or refuse on spec changes, suspend/resume). `sync_status` recomputes the status from
+fresh reads of the job and its Workflow and writes it only when it changed. Both are safe to
+call any number of times, from any handler, after an operator restart.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from psft.operator import kube
+from psft.operator.metrics import TRACKER
+from psft.operator.status import Observation, desired_status, status_changed, status_patch
+from psft.workflows import argo
+from psft.workflows.pipeline import build_pipeline
+from psft.workflows.spec import API_VERSION, KIND, PSFTJob
+from psft.workflows.validate import InvalidJob, validate_job
+
+Obj = dict[str, Any]
+
+SPEC_HASH = argo.SPEC_HASH_ANNOTATION
+_FINISHED = {"Succeeded", "Failed", "Error"}
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_locks_guard = threading.Lock()
+
+
+def _lock(namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks[(namespace, name)]
+
+
+def forget(namespace: str, name: str) -> None:
+    with _locks_guard:
+        _locks.pop((namespace, name), None)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def spec_hash(job: PSFTJob) -> str:
+    """Fingerprint of the spec the Workflow runs, with defaults filled in; `suspend` is left
+    out because it is a toggle applied to the running Workflow, not a change of the job."""
+    unsuspended = job.spec.model_copy(update={"suspend": False})
+    return argo.spec_hash(job.model_copy(update={"spec": unsuspended}))
+
+
+def validate(body: Obj) -> tuple[PSFTJob | None, list[str]]:
+    """The job as the schema sees it, or the list of field errors."""
+    meta = body.get("metadata") or {}
+    data = {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body.get("kind", KIND),
+        "metadata": {
+            k: meta[k] for k in ("name", "namespace", "labels", "annotations", "uid") if k in meta
+        },
+        "spec": body.get("spec"),
+    }
+    try:
+        job = validate_job(data, source=f"{meta.get('namespace')}/{meta.get('name')}")
+    except InvalidJob as exc:
+        return None, [str(e) for e in exc.errors]
+    errors = argo.cluster_errors(job)  # valid locally, but not runnable on a cluster
+    return (None, [str(e) for e in errors]) if errors else (job, [])
+
+
+def render(job: PSFTJob, body: Obj) -> Obj:
+    """The Workflow the job should own: rendered by psft.workflows.argo, owned, fingerprinted."""
+    workflow = argo.render_workflow(job)
+    kopf.adopt(workflow, owner=body)
+    workflow["metadata"].setdefault("annotations", {})[SPEC_HASH] = spec_hash(job)
+    return workflow
+
+
+def owner_of(workflow: Obj) -> tuple[str, str] | None:
+    """(name, uid) of the PSFTJob owning a Workflow, if any."""
+    for ref in workflow.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith("psft.dev/"):
+            return ref.get("name"), ref.get("uid")
+    return None
+
+
+def running_hash(workflow: Obj | None) -> str | None:
+    return ((workflow or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH)
+
+
+def refused_change(job: PSFTJob | None, workflow: Obj | None) -> str | None:
+    """Why the current spec is not applied (spec changed after start, restartPolicy Never)."""
+    if job is None or workflow is None or running_hash(workflow) in (None, spec_hash(job)):
+        return None
+    if job.spec.restart_policy == "OnSpecChange":
+        return None
+    return (
+        "spec changed after the Workflow started; the change is not applied. Revert it, or set "
+        "spec.restartPolicy: OnSpecChange to restart the job with the new spec"
+    )
+
+
+def reconcile_job(body: Obj, logger: Any) -> str:
+    """Bring the job's Workflow in line with its spec; returns ok | invalid."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    job, _errors = validate(body)
+    if job is None:
+        sync_status(namespace, name)
+        return "invalid"
+
+    desired = render(job, body)
+    wf_name = desired["metadata"]["name"]
+    with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
+        workflow = kube.get_workflow(namespace, wf_name)
+    if workflow is not None and (owner_of(workflow) or (None, None))[1] != meta["uid"]:
+        message = f"Workflow {wf_name} exists and is not owned by this PSFTJob; waiting"
+        sync_status(namespace, name, create_error=message)
+        raise kopf.TemporaryError(message, delay=10)
+
+    if workflow is not None and running_hash(workflow) != spec_hash(job):
+        if job.spec.restart_policy == "OnSpecChange":
+            logger.info(f"spec changed: restarting Workflow {wf_name}")
+            kopf.event(body, reason="Restarting", message="spec changed: recreating the Workflow")
+            with kube.retry_on_api_error(f"deleting Workflow {wf_name}"):
+                kube.delete_workflow(namespace, wf_name)
+            workflow = None
+        else:
+            sync_status(namespace, name)
+            return "ok"
+
+    if workflow is None:
+        workflow = _create_or_adopt(body, desired, logger)
+
+    want_suspend = bool(job.spec.suspend)
+    spec = workflow.get("spec") or {}
+    finished = (workflow.get("status") or {}).get("phase") in _FINISHED
+    if bool(spec.get("suspend")) != want_suspend and not finished:
+        with kube.retry_on_api_error(f"suspending/resuming Workflow {wf_name}"):
+            workflow = kube.patch_workflow(
+                namespace, wf_name, {"spec": {"suspend": True if want_suspend else None}}
+            )
+        kopf.event(
+            body,
+            reason="Suspended" if want_suspend else "Resumed",
+            message=f"Workflow {wf_name} {'suspended' if want_suspend else 'resumed'}",
+        )
+    sync_status(namespace, name)
+    return "ok"
+
+
+def _create_or_adopt(body: Obj, desired: Obj, logger: Any) -> Obj:
+    namespace = body["metadata"]["namespace"]
+    wf_name = desired["metadata"]["name"]
+    try:
+        created = kube.create_workflow(namespace, desired)
+    except ApiException as exc:
+        if exc.status == 409:
+            with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
+                existing = kube.get_workflow(namespace, wf_name)
+            owner = owner_of(existing or {})
+            if existing is None or owner is None or owner[1] != body["metadata"]["uid"]:
+                raise kopf.TemporaryError(
+                    f"Workflow {wf_name} exists but is not ours (yet): retrying", delay=5
+                ) from None
+            logger.info(f"adopted the existing Workflow {wf_name}")
+            return existing
+        if exc.status in (400, 403, 404, 422):
+            message = f"HTTP {exc.status}: {kube.api_message(exc)}"
+            sync_status(namespace, body["metadata"]["name"], create_error=message)
+            kopf.warn(body, reason="WorkflowCreateFailed", message=message)
+            raise kopf.PermanentError(f"cannot create Workflow {wf_name}: {message}") from None
+        with kube.retry_on_api_error(f"creating Workflow {wf_name}"):
+            raise
+    logger.info(f"created Workflow {wf_name}")
+    kopf.event(body, reason="WorkflowCreated", message=f"created Workflow {wf_name}")
+    return created
+
+
+def sync_status(namespace: str, name: str, create_error: str | None = None) -> Obj | None:
+    """Recompute the job's status from fresh reads; write it only if it changed."""
+    with _lock(namespace, name):
+        for _attempt in range(5):
+            with kube.retry_on_api_error(f"reading PSFTJob {namespace}/{name}"):
+                body = kube.get_job(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            job, errors = validate(body)
+            workflow = None
+            wf_name = None
+            if job is not None:
+                wf_name = argo.workflow_name(job)
+                with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
+                    workflow = kube.get_workflow(namespace, wf_name)
+                owner = owner_of(workflow or {})
+                if workflow is not None and (owner is None or owner[1] != body["metadata"]["uid"]):
+                    workflow = None  # someone else's (or a namesake's, being deleted)
+            seen = Observation(
+                errors=tuple(errors),
+                workflow_name=wf_name,
+                create_error=create_error,
+                refused_change=refused_change(job, workflow),
+            )
+            stages = build_pipeline(job) if job is not None else []
+            current = body.get("status") or {}
+            desired = desired_status(body, job, stages, workflow, seen, now())
+            if not status_changed(current, desired):
+                TRACKER.observe(namespace, name, body["metadata"]["uid"], desired)
+                return desired
+            patch = status_patch(current, desired)
+            try:
+                kube.patch_job_status(namespace, name, patch, body["metadata"]["resourceVersion"])
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue  # changed since we read it: recompute from the fresh object
+                if exc.status == 404:
+                    return None
+                with kube.retry_on_api_error(f"writing status of {namespace}/{name}"):
+                    raise
+            TRACKER.observe(namespace, name, body["metadata"]["uid"], desired)
+            _post_transition_events(body, current, desired)
+            return desired
+        raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=1)
+
+
+def _post_transition_events(body: Obj, before: Obj, after: Obj) -> None:
+    old, new = before.get("phase"), after.get("phase")
+    old_valid = _condition(before, "Valid")
+    new_valid = _condition(after, "Valid")
+    newly_false = (old_valid or {}).get("message") != (new_valid or {}).get("message") or old != new
+    if new_valid and new_valid.get("status") == "False" and newly_false:
+        kopf.warn(body, reason=new_valid["reason"], message=new_valid["message"])
+    if old == new or new in (None, "Invalid"):
+        return
+    if new == "Failed":
+        kopf.warn(body, reason="Failed", message=after.get("message", "the job failed"))
+    elif new in ("Running", "Succeeded", "Suspended"):
+        kopf.event(body, reason=new, message=after.get("message", new.lower()))
+
+
+def _condition(status: Obj, ctype: str) -> Obj | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)

@@ -1,0 +1,40 @@
+"""Fixtures of the operator tests: the Kubernetes API emulator and clients pointed at it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # kube_emulator, operator_harness
+
+from kube_emulator import EmulatorThread
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorThread]:
+    with EmulatorThread() as emu:
+        yield emu
+
+
+@pytest.fixture
+def kubeconfig(emulator: EmulatorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """KUBECONFIG for kopf's login and the kubernetes client (which also caches a default path)."""
+    import kubernetes.config.kube_config as kube_config
+
+    path = emulator.write_kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    return path
+
+
+@pytest.fixture
+def api(kubeconfig: Path):
+    """A `kubernetes` ApiClient talking to the emulator."""
+    import kubernetes
+
+    client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    yield client
+    client.close()
