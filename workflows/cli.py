@@ -68,6 +68,27 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from psft.workflows.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from psft.workflows.reference import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from psft.workflows.argo import workflow_yaml
+
+    sys.stdout.write(workflow_yaml(load_job(args.file)))
+    return 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     main = importlib.import_module("psft.operator.main")
     return int(main.run_operator(args) or 0)
@@ -96,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered model names")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("crd", help="print the PSFTJob CustomResourceDefinition (YAML)")
+    p.set_defaults(func=_cmd_crd)
+
+    p = sub.add_parser("docs", help="print the PSFTJob field reference (Markdown)")
+    p.set_defaults(func=_cmd_docs)
+
+    p = sub.add_parser("render", help="print the Argo Workflow a PSFTJob runs as (YAML)")
+    p.add_argument("file", help="PSFTJob YAML")
+    p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     p.add_argument("--namespace", action="append", help="watch only these namespaces")

@@ -1,0 +1,355 @@
+"""The Argo Workflow renderer: shape, determinism, pods, retries, RayJob, every example."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from workflow_examples import example_files, psftjob_docs
+
+from psft.workflows import argo, argo_ray
+from psft.workflows.cli import main
+from psft.workflows.pipeline import build_pipeline
+from psft.workflows.spec import PSFTJob
+from psft.workflows.stages import StageConfig
+from psft.workflows.validate import InvalidJob, validate_job
+
+K8S = "1.37.0"
+
+
+def s3_doc(**spec: Any) -> dict[str, Any]:
+    doc = {
+        "apiVersion": "psft.dev/v1alpha1",
+        "kind": "PSFTJob",
+        "metadata": {"name": "qwen", "namespace": "ml", "uid": "0b5e-uid"},
+        "spec": {
+            "model": {"source": "s3://models/qwen"},
+            "dataset": {"train": ["s3://data/train.parquet"]},
+            "storage": {
+                "type": "s3",
+                "s3": {"endpoint": "minio:9000", "bucket": "runs", "secretRef": {"name": "s3"}},
+            },
+        },
+    }
+    for section, values in spec.items():
+        if isinstance(values, dict):
+            doc["spec"].setdefault(section, {}).update(values)
+        else:
+            doc["spec"][section] = values
+    return doc
+
+
+def render(**spec: Any) -> dict[str, Any]:
+    return argo.render_workflow(validate_job(s3_doc(**spec)))
+
+
+def templates(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in wf["spec"]["templates"]}
+
+
+def tasks(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in templates(wf)["psft"]["dag"]["tasks"]}
+
+
+def pod_of(wf: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """The Pod Argo would run for a container template (workflow-level fields merged)."""
+    spec = wf["spec"]
+    pod_spec = {
+        "containers": [template["container"]],
+        "volumes": spec["volumes"],
+        "securityContext": spec["securityContext"],
+        "serviceAccountName": spec["serviceAccountName"],
+    }
+    for src, dst in (
+        ("nodeSelector", "nodeSelector"),
+        ("tolerations", "tolerations"),
+        ("podPriorityClassName", "priorityClassName"),
+        ("schedulerName", "schedulerName"),
+    ):
+        if src in spec:
+            pod_spec[dst] = spec[src]
+    labels = {**spec["podMetadata"]["labels"], **template["metadata"]["labels"]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "labels": labels},
+        "spec": pod_spec,
+    }
+
+
+def test_workflow_shape_follows_the_pipeline() -> None:
+    job = validate_job(s3_doc(grpo={"enabled": True, "prompts": ["s3://d/p.parquet"]}))
+    wf = argo.render_workflow(job)
+    assert wf["apiVersion"] == "argoproj.io/v1alpha1" and wf["kind"] == "Workflow"
+    assert wf["metadata"]["name"] == "psft-qwen" and wf["metadata"]["namespace"] == "ml"
+    assert wf["metadata"]["labels"]["psft.dev/job"] == "qwen"
+    assert wf["metadata"]["labels"]["app.kubernetes.io/instance"] == "qwen"
+    assert wf["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "psft.dev/v1alpha1",
+            "blockOwnerDeletion": True,
+            "controller": True,
+            "kind": "PSFTJob",
+            "name": "qwen",
+            "uid": "0b5e-uid",
+        }
+    ]
+    assert wf["spec"]["entrypoint"] == "psft"
+    stages = build_pipeline(job)
+    dag = tasks(wf)
+    assert list(dag) == [s.name for s in stages] == [
+        "prepare", "train", "eval", "grpo", "eval-grpo", "report",
+    ]  # fmt: skip
+    for stage in stages:
+        assert dag[stage.name].get("dependencies", []) == list(stage.depends)
+        template = templates(wf)[stage.name]
+        assert template["container"]["command"] == ["psft"]
+        assert template["container"]["args"] == [stage.kind, "--config", argo.CONFIG_PATH]
+        (artifact,) = template["inputs"]["artifacts"]
+        assert artifact["path"] == argo.CONFIG_PATH
+        config = StageConfig.model_validate_json(artifact["raw"]["data"])
+        assert (config.stage, config.kind, config.target) == (stage.name, stage.kind, stage.target)
+        assert config.run_root == "s3://runs/psft/ml/qwen/0b5e-uid"
+        assert config.work_dir == argo.RUN_MIRROR and config.progress is False
+        assert config.job.spec == job.spec
+        assert template["metadata"]["labels"] == {"psft.dev/stage": stage.name}
+    assert argo.check_workflow(wf) == []
+
+
+def test_render_is_deterministic_and_ignores_status_and_annotations() -> None:
+    doc = s3_doc()
+    first = argo.render_workflow(validate_job(doc))
+    assert argo.render_workflow(validate_job(copy.deepcopy(doc))) == first
+    noisy = copy.deepcopy(doc)
+    noisy["metadata"]["annotations"] = {"kopf.zalando.org/last-handled-configuration": "{}"}
+    noisy["metadata"]["resourceVersion"] = "123"
+    noisy["status"] = {"phase": "Running"}
+    assert argo.render_workflow(validate_job(noisy)) == first
+    changed = argo.render_workflow(validate_job(s3_doc(psft={"learningRate": 2e-6})))
+    hash_key = argo.SPEC_HASH_ANNOTATION
+    assert (
+        changed["metadata"]["annotations"][hash_key] != first["metadata"]["annotations"][hash_key]
+    )
+
+
+def test_spec_values_never_reach_a_command_line() -> None:
+    nasty = "s3://models/x; rm -rf / $(id) `id`"
+    wf = render(model={"source": nasty}, resources={"image": "registry/trainer:1"})
+    for template in wf["spec"]["templates"]:
+        container = template.get("container")
+        if container:
+            assert nasty not in json.dumps(container["command"] + container["args"])
+            assert nasty in template["inputs"]["artifacts"][0]["raw"]["data"]
+    assert "arguments" not in wf["spec"]
+
+
+def test_s3_keys_come_from_the_secret_only() -> None:
+    wf = render()
+    for name, template in templates(wf).items():
+        if name == "psft":
+            continue
+        env = {e["name"]: e for e in template["container"]["env"]}
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", "accessKey"),
+            ("AWS_SECRET_ACCESS_KEY", "secretKey"),
+        ):
+            assert env[var] == {
+                "name": var,
+                "valueFrom": {"secretKeyRef": {"key": key, "name": "s3"}},
+            }
+        assert "parameters" not in template.get("inputs", {})
+
+
+def test_pods_resources_scheduling_and_security() -> None:
+    wf = render(
+        resources={
+            "gpusPerNode": 4,
+            "cpu": "16",
+            "memory": "128Gi",
+            "shmSize": "32Gi",
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "priorityClassName": "training",
+            "schedulerName": "volcano",
+            "queue": "team-a",
+            "serviceAccountName": "trainer",
+        }
+    )
+    spec = wf["spec"]
+    assert spec["nodeSelector"] == {"gpu": "h100"}
+    assert spec["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
+    ]
+    assert spec["podPriorityClassName"] == "training" and spec["schedulerName"] == "volcano"
+    assert spec["serviceAccountName"] == "trainer"
+    assert spec["podMetadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "team-a"}
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == argo.RUN_AS
+    (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    for name, template in templates(wf).items():
+        if name == "psft":
+            continue
+        container = template["container"]
+        gpus = container["resources"]["requests"].get("nvidia.com/gpu")
+        assert gpus == ("4" if name in ("train", "eval") else None), name
+        assert container["resources"]["limits"].get("nvidia.com/gpu") == gpus
+        assert container["resources"]["requests"]["cpu"] == "16"
+        assert {"mountPath": "/dev/shm", "name": "dshm"} in container["volumeMounts"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["ports"] == [{"containerPort": 9400, "name": "metrics", "protocol": "TCP"}]
+        kubernetes_validate.validate(pod_of(wf, template), K8S, strict=True)
+
+
+def test_kueue_queue_label_and_cpu_device_requests_no_gpu() -> None:
+    wf = render(resources={"queue": "research", "device": "cpu"}, monitoring={"metricsPort": 0})
+    assert wf["spec"]["podMetadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+    assert "annotations" not in wf["spec"]["podMetadata"]
+    for name, template in templates(wf).items():
+        if name != "psft":
+            assert "nvidia.com/gpu" not in template["container"]["resources"]["requests"]
+            assert "ports" not in template["container"]
+
+
+def test_retries_only_infrastructure_failures() -> None:
+    wf = render(backoffLimit=5)
+    for name, template in templates(wf).items():
+        if name == "psft":
+            continue
+        retry = template["retryStrategy"]
+        assert retry["limit"] == 5 and retry["retryPolicy"] == "Always"
+        assert retry["expression"] == argo.RETRY_EXPRESSION
+        assert ">= 128" in retry["expression"] and '"Error"' in retry["expression"]
+    assert all("retryStrategy" not in t for t in render(backoffLimit=0)["spec"]["templates"])
+
+
+def test_ttl_and_suspend_from_the_spec() -> None:
+    wf = render(suspend=True, ttlSecondsAfterFinished={"success": 600, "failure": 86400})
+    assert wf["spec"]["suspend"] is True
+    assert wf["spec"]["ttlStrategy"] == {"secondsAfterFailure": 86400, "secondsAfterSuccess": 600}
+    plain = render()
+    assert "suspend" not in plain["spec"] and "ttlStrategy" not in plain["spec"]
+
+
+def test_output_parameters_the_operator_reads() -> None:
+    wf = render(grpo={"enabled": True, "prompts": ["s3://d/p.parquet"]})
+    outputs = {
+        name: t["outputs"]["parameters"][0] for name, t in templates(wf).items() if "outputs" in t
+    }
+    assert set(outputs) == {"train", "eval", "grpo", "eval-grpo"}
+    assert outputs["train"]["name"] == argo.METRICS_PARAMETER == "metrics"
+    assert outputs["train"]["valueFrom"] == {
+        "default": "",
+        "path": "/psft/work/run/train/summary.json",
+    }
+    assert outputs["eval"]["name"] == argo.EVAL_PARAMETER == "eval-results"
+    assert outputs["eval-grpo"]["valueFrom"]["path"] == "/psft/work/run/eval-grpo/summary.json"
+    assert outputs["eval"]["valueFrom"]["path"] == "/psft/work/run/eval/summary.json"
+
+
+def test_local_storage_is_refused_with_the_field() -> None:
+    doc = s3_doc()
+    doc["spec"]["storage"] = {"type": "local"}
+    with pytest.raises(InvalidJob) as exc:
+        argo.render_workflow(validate_job(doc))
+    assert [e.path for e in exc.value.errors] == ["spec.storage.type"]
+
+
+def test_check_workflow_reports_keys_hera_would_drop() -> None:
+    wf = render()
+    broken = copy.deepcopy(wf)
+    broken["spec"]["templates"][1]["container"]["gpuCount"] = 1
+    broken["spec"]["bogus"] = True
+    problems = argo.check_workflow(broken)
+    assert problems == [
+        "spec.bogus: dropped by the schema (unknown field?)",
+        "spec.templates[1].container.gpuCount: dropped by the schema (unknown field?)",
+    ]
+    wrong_type = copy.deepcopy(wf)
+    wrong_type["spec"]["templates"][1]["container"]["args"] = "train"
+    assert argo.check_workflow(wrong_type)
+
+
+def test_multi_node_training_is_a_rayjob() -> None:
+    job = validate_job(
+        s3_doc(resources={"nodes": 3, "gpusPerNode": 8, "queue": "team-a"}, backoffLimit=2)
+    )
+    wf = argo.render_workflow(job)
+    assert argo.check_workflow(wf) == []
+    dag = tasks(wf)
+    assert dag["train-config"]["dependencies"] == ["prepare"]
+    assert dag["train"]["dependencies"] == ["train-config"]
+    assert dag["eval"]["dependencies"] == ["train"]
+    config_step = templates(wf)["train-config"]["resource"]
+    assert config_step["action"] == "apply" and config_step["setOwnerReference"] is True
+    config_map = yaml.safe_load(config_step["manifest"])
+    kubernetes_validate.validate(config_map, K8S, strict=True)
+    train_stage = build_pipeline(job)[1]
+    assert config_map["data"]["stage.json"] == argo.stage_config_json(job, train_stage)
+
+    step = templates(wf)["train"]["resource"]
+    assert step["action"] == "create" and step["setOwnerReference"] is True
+    assert step["successCondition"] == "status.jobStatus == SUCCEEDED"
+    assert step["failureCondition"] == "status.jobDeploymentStatus == Failed"
+    ray = yaml.safe_load(step["manifest"])
+    assert ray["apiVersion"] == "ray.io/v1" and ray["kind"] == "RayJob"
+    assert ray["metadata"]["name"] == "psft-qwen-train"
+    assert ray["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert ray["spec"]["entrypoint"] == "psft train --config /psft/config/stage.json"
+    assert ray["spec"]["backoffLimit"] == 2
+    cluster = ray["spec"]["rayClusterSpec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
+    for template in (cluster["headGroupSpec"]["template"], workers["template"]):
+        (container,) = template["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert "command" not in container and "args" not in container
+        assert {"mountPath": "/psft/config", "name": "stage-config", "readOnly": True} in (
+            container["volumeMounts"]
+        )
+        assert container["ports"][0]["name"] == argo_ray.RAY_METRICS_PORT_NAME
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+        kubernetes_validate.validate(pod_template | {"template": template}, K8S, strict=True)
+
+
+def test_volcano_rayjob_labels() -> None:
+    wf = render(resources={"nodes": 2, "schedulerName": "volcano", "queue": "q1"})
+    ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])
+    assert ray["metadata"]["labels"]["ray.io/scheduler-name"] == "volcano"
+    assert ray["metadata"]["labels"]["volcano.sh/queue-name"] == "q1"
+
+
+EXAMPLES = example_files()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_renders_or_says_why_not(path: Path) -> None:
+    for doc in psftjob_docs(path):
+        job = validate_job(doc, str(path))
+        if argo.cluster_errors(job):
+            with pytest.raises(InvalidJob):
+                argo.render_workflow(job)
+            continue
+        wf = argo.render_workflow(job)
+        assert argo.check_workflow(wf) == []
+        assert templates(wf)["psft"]["dag"]["tasks"][0]["name"] == "prepare"
+
+
+def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(s3_doc()))
+    assert main(["render", str(path)]) == 0
+    wf = yaml.safe_load(capsys.readouterr().out)
+    assert wf == argo.render_workflow(PSFTJob.model_validate(s3_doc()))
+    local = s3_doc()
+    local["spec"]["storage"] = {"type": "local"}
+    path.write_text(yaml.safe_dump(local))
+    assert main(["render", str(path)]) == 1
+    assert "spec.storage.type" in capsys.readouterr().err

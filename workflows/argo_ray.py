@@ -1,0 +1,167 @@
+"""Multi-node training: Workflow steps that run the train stage as a KubeRay RayJob.
+
+Two resource steps replace the train pod when `resources.nodes > 1`:
+1. `train-config` applies a ConfigMap holding the stage.json (owned by the Workflow);
+2. `train` creates a RayJob (ray.io/v1): a Ray cluster of `nodes` pods with
+   `gpusPerNode` GPUs each, whose entrypoint is `psft train --config /psft/stage.json`
+   (fixed words only; the config file comes from the ConfigMap), and waits until the
+   RayJob reports success or failure. KubeRay retries the job `backoffLimit` times.
+Gang scheduling: the RayJob carries the queue label of Kueue, or Volcano's scheduler and
+queue labels that KubeRay turns into a PodGroup, when the spec names them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from hera.workflows import models as m
+
+from psft.workflows import argo
+from psft.workflows.pipeline import Stage
+from psft.workflows.spec import PSFTJob
+
+RAY_API_VERSION = "ray.io/v1"
+RAY_CONFIG_TASK = "train-config"
+ENTRYPOINT = f"psft train --config {argo.CONFIG_PATH}"
+RAYJOB_SUCCESS = "status.jobStatus == SUCCEEDED"
+RAYJOB_FAILURE = "status.jobDeploymentStatus == Failed"
+RAY_METRICS_PORT_NAME = "psft-metrics"
+RAYJOB_TTL_SECONDS = 600
+"""Seconds KubeRay keeps the finished Ray cluster's RayJob object (logs for debugging)."""
+
+
+def rayjob_name(job: PSFTJob, stage: Stage) -> str:
+    return f"{argo.workflow_name(job)}-{stage.name}"
+
+
+def config_map_name(job: PSFTJob, stage: Stage) -> str:
+    return f"{rayjob_name(job, stage)}-config"
+
+
+def config_map(job: PSFTJob, stage: Stage) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(job, stage),
+            "labels": argo.job_labels(job, component="train"),
+        },
+        "data": {"stage.json": argo.stage_config_json(job, stage)},
+    }
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def pod_template(job: PSFTJob, stage: Stage, container_name: str) -> dict[str, Any]:
+    """Pod template of a Ray node: the stage container plus the config volume."""
+    r = job.spec.resources
+    container = argo.stage_container(job, stage)
+    container.name = container_name
+    container.command = None  # KubeRay starts Ray in the container; the job is the entrypoint
+    container.args = None
+    for port in container.ports or []:
+        # KubeRay points Ray's own metrics exporter at a port named `metrics`
+        port.name = RAY_METRICS_PORT_NAME
+    container.volume_mounts = [
+        *(container.volume_mounts or []),
+        m.VolumeMount(name="stage-config", mount_path=argo.CONFIG_DIR, read_only=True),
+    ]
+    config_volume = m.Volume(
+        name="stage-config",
+        config_map=m.ConfigMapVolumeSource(
+            name=config_map_name(job, stage),
+            items=[m.KeyToPath(key="stage.json", path="stage.json")],
+        ),
+    )
+    queue_labels, queue_annotations = argo.queue_metadata(job)
+    pod: dict[str, Any] = {
+        "containers": [_dump(container)],
+        "volumes": [_dump(v) for v in (*argo.volumes(job), config_volume)],
+        "serviceAccountName": r.service_account_name or argo.DEFAULT_SERVICE_ACCOUNT,
+        "securityContext": _dump(argo.pod_security()),
+    }
+    if r.node_selector:
+        pod["nodeSelector"] = dict(r.node_selector)
+    if r.tolerations:
+        pod["tolerations"] = [_dump(m.Toleration(**t.model_dump())) for t in r.tolerations]
+    if r.priority_class_name:
+        pod["priorityClassName"] = r.priority_class_name
+    if r.scheduler_name:
+        pod["schedulerName"] = r.scheduler_name
+    metadata: dict[str, Any] = {
+        "labels": {**argo.job_labels(job, component="stage"), **queue_labels}
+        | {argo.STAGE_LABEL: stage.name}
+    }
+    if queue_annotations:
+        metadata["annotations"] = queue_annotations
+    return {"metadata": metadata, "spec": pod}
+
+
+def rayjob(job: PSFTJob, stage: Stage) -> dict[str, Any]:
+    r = job.spec.resources
+    labels = argo.job_labels(job, component="train")
+    if r.queue and r.scheduler_name == "volcano":
+        labels |= {"ray.io/scheduler-name": "volcano", "volcano.sh/queue-name": r.queue}
+    elif r.queue:
+        labels[argo.KUEUE_QUEUE_LABEL] = r.queue
+    workers = r.nodes - 1
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayJob",
+        "metadata": {"name": rayjob_name(job, stage), "labels": labels},
+        "spec": {
+            "entrypoint": ENTRYPOINT,
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": RAYJOB_TTL_SECONDS,
+            "backoffLimit": job.spec.backoff_limit,
+            "rayClusterSpec": {
+                "headGroupSpec": {
+                    "rayStartParams": {},
+                    "template": pod_template(job, stage, "ray-head"),
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu",
+                        "replicas": workers,
+                        "minReplicas": workers,
+                        "maxReplicas": workers,
+                        "rayStartParams": {},
+                        "template": pod_template(job, stage, "ray-worker"),
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _manifest(obj: dict[str, Any]) -> str:
+    return yaml.safe_dump(obj, sort_keys=False, width=100)
+
+
+def ray_config_template(job: PSFTJob, stage: Stage) -> m.Template:
+    return m.Template(
+        name=RAY_CONFIG_TASK,
+        resource=m.ResourceTemplate(
+            action="apply",
+            manifest=_manifest(config_map(job, stage)),
+            set_owner_reference=True,
+        ),
+    )
+
+
+def ray_train_template(job: PSFTJob, stage: Stage) -> m.Template:
+    return m.Template(
+        name=stage.name,
+        metadata=m.Metadata(labels={argo.STAGE_LABEL: stage.name}),
+        resource=m.ResourceTemplate(
+            action="create",
+            manifest=_manifest(rayjob(job, stage)),
+            set_owner_reference=True,
+            success_condition=RAYJOB_SUCCESS,
+            failure_condition=RAYJOB_FAILURE,
+        ),
+    )
