@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from psft.workflows import argo, argo_ray
 from psft.workflows.crd import CEL_RULES, CRD_NAME, build_crd
 
 DOC_FILE = "docs/psftjob.md"
@@ -61,6 +62,40 @@ and the operator checks it.
 
 Cross-field rules enforced by the API server (CEL) and by `psft validate`:
 
+"""
+
+
+CLUSTER = f"""\
+## On a cluster
+
+The operator turns a PSFTJob into one Argo Workflow named `{argo.WORKFLOW_PREFIX}<name>` in the
+job's namespace, owned by the job (deleting the job deletes it). `psft render job.yaml`
+prints it. Each stage is a DAG task whose pod runs `psft <stage> --config
+{argo.CONFIG_PATH}`; the stage config (the whole job with defaults filled) arrives as an
+input artifact, never on a command line.
+
+- Pods carry the labels `{argo.JOB_LABEL}: <name>` and `{argo.STAGE_LABEL}: <stage>`, request
+  `resources.cpu`/`memory` and, for train, eval and grpo, `resources.gpusPerNode`
+  `nvidia.com/gpu` (none when `resources.device` is `cpu`). `/dev/shm` is an in-memory
+  volume of `resources.shmSize`. Pods run non-root as UID {argo.RUN_AS} with a read-only root
+  file system.
+- `resources.nodeSelector`, `tolerations`, `priorityClassName` and `schedulerName` apply to
+  every stage pod; `resources.queue` becomes the Kueue label `{argo.KUEUE_QUEUE_LABEL}`, or
+  Volcano's annotation `{argo.VOLCANO_QUEUE_ANNOTATION}` when `schedulerName` is `volcano`.
+- Pods use the service account `resources.serviceAccountName`, else
+  `{argo.DEFAULT_SERVICE_ACCOUNT}` (created by the chart). S3 keys come from
+  `storage.s3.secretRef` as `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
+- A stage is retried up to `backoffLimit` times only after infrastructure failures: an
+  Argo error (pod deleted, node lost) or death by a signal (exit code >= 128, e.g. OOM
+  kill or eviction). Training resumes from its latest checkpoint (`psft.saveEvery`).
+- `ttlSecondsAfterFinished` sets the Workflow's TTL per outcome; `suspend` suspends it.
+- With `resources.nodes` > 1 the train stage is a KubeRay `RayJob` (`ray.io/v1`): one head
+  and `nodes - 1` workers with `gpusPerNode` GPUs each, entrypoint
+  `{argo_ray.ENTRYPOINT}`; the step waits for `{argo_ray.RAYJOB_SUCCESS}` or
+  `{argo_ray.RAYJOB_FAILURE}`, and KubeRay retries it `backoffLimit` times.
+- Stages report progress through Argo's `$ARGO_PROGRESS_FILE` and leave small JSON
+  results in the output parameters `{argo.METRICS_PARAMETER}` (train, grpo) and
+  `{argo.EVAL_PARAMETER}` (eval), which the operator mirrors into `status`.
 """
 
 
@@ -179,7 +214,7 @@ def reference_markdown() -> str:
         for path, path_rules in CEL_RULES.items()
         for rule in path_rules
     ]
-    parts = [INTRO + "\n".join(rules) + "\n", "## Spec\n"]
+    parts = [INTRO + "\n".join(rules) + "\n", CLUSTER, "## Spec\n"]
     parts += [_table(path, node) for path, node in _sections(props["spec"], "spec")]
     parts.append(
         "## Status\n\nWritten by the operator through the status subresource; "
