@@ -24,11 +24,12 @@ Render = Callable[..., list[dict[str, Any]]]
 
 ALL_ON: dict[str, Any] = {
     "operator": {
+        "replicas": 2,
         "watchNamespaces": ["team-a", "team-b"],
-        "rbac": {"rayJobs": True, "readSecrets": True},
+        "rbac": {"readSecrets": True},
         "image": {"digest": "sha256:" + "0" * 64},
     },
-    "workflows": {"namespaces": ["team-a", "team-b"]},
+    "workflows": {"namespaces": ["team-a", "team-b"], "rayJobs": True},
     "artifactRepository": {
         "create": True,
         "s3": {"bucket": "psft-artifacts", "insecure": True},

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -14,17 +15,32 @@ from k8s_tools import run_tool
 
 K8S_VERSION = "1.37.0"
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "kopf.dev/", "psft.dev/")
 
 
-def validate_builtin(docs: list[dict[str, Any]]) -> None:
-    """Every built-in object against Kubernetes' own schema, unknown fields rejected."""
+def validate_manifests(docs: list[dict[str, Any]]) -> None:
+    """Built-in objects against Kubernetes' own schema (unknown fields rejected); custom
+    objects whose CRD the chart renders against that CRD's openAPIV3Schema."""
+    schemas = {
+        (f"{c['spec']['group']}/{v['name']}", c["spec"]["names"]["kind"]): v["schema"][
+            "openAPIV3Schema"
+        ]
+        for c in by_kind(docs, "CustomResourceDefinition")
+        for v in c["spec"]["versions"]
+    }
     for doc in docs:
-        if doc["kind"] in PROMETHEUS_OPERATOR_KINDS:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"].startswith(CUSTOM_GROUPS):
+            schema = schemas.get((doc["apiVersion"], doc["kind"]))
+            if schema is not None:
+                jsonschema.validate(doc, schema)
+            else:
+                assert doc["kind"] in PROMETHEUS_OPERATOR_KINDS, f"{where}: no CRD"
             continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {exc}") from None
+            raise AssertionError(f"{where}: {exc}") from None
 
 
 def test_lint_strict_defaults_and_all_flags(chart_dir: Path, tmp_path: Path) -> None:
@@ -36,7 +52,7 @@ def test_lint_strict_defaults_and_all_flags(chart_dir: Path, tmp_path: Path) -> 
 
 def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
     docs = helm_template()
-    validate_builtin(docs)
+    validate_manifests(docs)
     kinds = sorted(d["kind"] for d in docs)
     assert not PROMETHEUS_OPERATOR_KINDS & set(kinds), "monitoring CRs must be opt-in"
     assert "ConfigMap" not in kinds, "no artifact repository or dashboards by default"
@@ -44,7 +60,7 @@ def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
 
     deploy = one(docs, "Deployment", "operator")
     assert deploy["metadata"]["namespace"] == NAMESPACE
-    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["replicas"] == 1
     pod = deploy["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -59,8 +75,11 @@ def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
     assert container["image"] == "ghcr.io/psft-dev/psft-operator:0.1.0"
     assert container["args"][0] == "operator"
     assert "--all-namespaces" in container["args"]
-    assert "--peering=psft-operator" in container["args"], "2 replicas need leader election"
-    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert "--peering=psft-operator" in container["args"]
+    peering = one(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "psft-operator"
+    assert "post-install" in peering["metadata"]["annotations"]["helm.sh/hook"]
+    assert not by_kind(docs, "PodDisruptionBudget"), "a PDB of one replica blocks drains"
 
     service = one(docs, "Service", "metrics")
     assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
@@ -83,7 +102,7 @@ def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
 
 def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
     docs = helm_template(ALL_ON)
-    validate_builtin(docs)
+    validate_manifests(docs)
     kinds = {d["kind"] for d in docs}
     assert kinds >= PROMETHEUS_OPERATOR_KINDS | {"ConfigMap", "Role", "RoleBinding"}
     stand_ins = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap")
@@ -95,6 +114,12 @@ def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
     assert container["image"] == "ghcr.io/psft-dev/psft-operator@sha256:" + "0" * 64
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
     assert "--all-namespaces" not in container["args"]
+    assert deploy["spec"]["replicas"] == 2
+    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    spread = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 100
+    peerings = by_kind(docs, "KopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
     for doc in docs:
         if not doc["metadata"]["name"].startswith("stand-in-"):
             assert doc["metadata"]["labels"]["cost-center"] == "research"
@@ -194,3 +219,58 @@ def test_crds_ship_with_the_chart(chart_dir: Path) -> None:
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     crds = by_kind(docs, "CustomResourceDefinition")
     assert "psftjobs.psft.dev" in {c["metadata"]["name"] for c in crds}
+
+
+def _operator_rule_triples(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    triples = set()
+    for doc in docs:
+        if doc["kind"] in ("ClusterRole", "Role") and "-operator" in doc["metadata"]["name"]:
+            for rule in doc["rules"]:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        triples |= {(group, resource, verb) for verb in rule["verbs"]}
+    return triples
+
+
+def test_operator_rbac_is_exactly_what_its_code_uses(helm_template: Render) -> None:
+    from psft.operator.rbac import OPERATOR_RULES
+
+    used = {
+        (group, resource, verb)
+        for rule in OPERATOR_RULES
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    secrets = {"operator": {"rbac": {"readSecrets": True}}}
+    cluster = _operator_rule_triples(helm_template(secrets))
+    namespaced = _operator_rule_triples(
+        helm_template({"operator": {"watchNamespaces": ["team-a"], "rbac": {"readSecrets": True}}})
+    )
+    # each mode grants nothing the operator does not use...
+    assert cluster <= used, f"granted but unused: {sorted(cluster - used)}"
+    assert namespaced <= used, f"granted but unused: {sorted(namespaced - used)}"
+    # ...and together they grant all of it; the only difference is kopf's peering kind
+    assert cluster | namespaced == used, (
+        f"used but not granted: {sorted(used - cluster - namespaced)}"
+    )
+    assert cluster ^ namespaced == {
+        ("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")
+    } | {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    # secrets only on request, only `get`; no write access to pods or secrets ever
+    default = _operator_rule_triples(helm_template())
+    assert not {t for t in default if t[1] == "secrets"}
+    assert {t for t in cluster if t[1] == "secrets"} == {("", "secrets", "get")}
+    # single replica without leader election: no peering rights
+    standalone = _operator_rule_triples(
+        helm_template({"operator": {"leaderElection": {"enabled": False}}})
+    )
+    assert not {t for t in standalone if t[0] == "kopf.dev"}
+
+
+def test_workflow_role_grants_rayjobs_only_when_asked(helm_template: Render) -> None:
+    plain = one(helm_template(), "Role", "workflow")["rules"]
+    ray = one(helm_template({"workflows": {"rayJobs": True}}), "Role", "workflow")["rules"]
+    assert {g for r in plain for g in r["apiGroups"]} == {"argoproj.io"}
+    assert {"ray.io", ""} <= {g for r in ray for g in r["apiGroups"]}
+    assert all("delete" not in r["verbs"] for r in ray)
