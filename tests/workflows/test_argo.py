@@ -319,6 +319,17 @@ def test_multi_node_training_is_a_rayjob() -> None:
         kubernetes_validate.validate(pod_template | {"template": template}, K8S, strict=True)
 
 
+def test_longest_job_name_keeps_child_names_valid() -> None:
+    doc = s3_doc(resources={"nodes": 2})
+    doc["metadata"]["name"] = "a" * 52
+    wf = argo.render_workflow(validate_job(doc))
+    assert len(wf["metadata"]["name"]) <= 63
+    ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])
+    assert len(ray["metadata"]["name"]) <= 63
+    for value in ray["metadata"]["labels"].values():
+        assert len(value) <= 63
+
+
 def test_volcano_rayjob_labels() -> None:
     wf = render(resources={"nodes": 2, "schedulerName": "volcano", "queue": "q1"})
     ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])

@@ -56,3 +56,10 @@ def test_cli_prints_crd_and_docs(capsys) -> None:
     assert capsys.readouterr().out == reference_markdown()
     assert main(["crd"]) == 0
     assert "name: psftjobs.psft.dev" in capsys.readouterr().out
+
+
+def test_every_link_has_an_anchor() -> None:
+    text = reference_markdown()
+    anchors = set(re.findall(r'<a id="([^"]+)"></a>', text))
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and links <= anchors, links - anchors
