@@ -1,0 +1,266 @@
+"""The native training loop of the train stage: data order, steps, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from psft.trainer.data import Example, collate, read_examples
+from psft.trainer.engine.checkpoint import (
+    TrainState,
+    data_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from psft.trainer.engine.optim import build_optimizer, build_scheduler
+from psft.trainer.engine.progress import StepProgress
+from psft.trainer.engine.step import MicroBatch, ObjectiveConfig, evaluate, train_step
+from psft.workflows import layout
+from psft.workflows.errors import UserError
+from psft.workflows.stages import StageConfig
+
+STAGE = "train"
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Row order of an epoch: a seeded permutation per epoch (identity without shuffle)."""
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"psft-epoch-{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def plan_total_steps(n_rows: int, spec: Any) -> tuple[int, int]:
+    """(steps per epoch, total steps). A last partial batch of an epoch is dropped."""
+    per_epoch = n_rows // spec.batch_size
+    if per_epoch == 0:
+        raise UserError(
+            f"psft.batchSize ({spec.batch_size}) is larger than the {n_rows} prepared training "
+            "rows; lower psft.batchSize or add data"
+        )
+    total = spec.max_steps if spec.max_steps is not None else per_epoch * spec.epochs
+    return per_epoch, total
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> MicroBatch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_minibatches(
+    batch: Sequence[Example], spec: Any, pad_id: int, device: str
+) -> list[list[MicroBatch]]:
+    return [
+        [to_device(collate(micro, pad_id), device) for micro in chunks(mb, spec.micro_batch_size)]
+        for mb in chunks(batch, spec.mini_batch_size)
+    ]
+
+
+def validation_batches(
+    examples: Sequence[Example], size: int, pad_id: int, device: str
+) -> list[MicroBatch]:
+    return [to_device(collate(c, pad_id), device) for c in chunks(examples, size)]
+
+
+class Trainer:
+    """State of one train-stage process (built by `from_config`, driven by `fit`)."""
+
+    def __init__(self, config: StageConfig, store: Any) -> None:
+        from psft.trainer.model import load_model_and_tokenizer, resolve_device, resolve_model
+
+        self.config = config
+        self.store = store
+        job = config.job
+        self.spec = job.spec.psft
+        self.objective = ObjectiveConfig.from_spec(self.spec)
+        self.device = resolve_device(job.spec.resources.device)
+
+        self.train_rows = read_examples(store.pull(layout.DATA_TRAIN))
+        self.val_rows = (
+            read_examples(store.pull(layout.DATA_VALIDATION))
+            if store.exists(layout.DATA_VALIDATION)
+            else []
+        )
+        self.steps_per_epoch, self.total_steps = plan_total_steps(len(self.train_rows), self.spec)
+        self.fingerprint = data_fingerprint(self.train_rows)
+
+        self.resume_step = store.latest_checkpoint(STAGE)
+        if self.resume_step is not None:
+            model_dir = store.pull(layout.checkpoint(STAGE, self.resume_step))
+        else:
+            model_dir = resolve_model(job.spec.model.source)
+        self.model_dir = model_dir
+        random.seed(self.spec.seed)
+        torch.manual_seed(self.spec.seed)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            model_dir,
+            device=self.device,
+            dtype=job.spec.model.dtype,
+            chat_template=job.spec.model.chat_template,
+            trust_remote_code=job.spec.model.trust_remote_code,
+        )
+        if self.spec.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.optimizer = build_optimizer(
+            self.model.parameters(),
+            learning_rate=self.spec.learning_rate,
+            weight_decay=self.spec.weight_decay,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=self.spec.warmup_steps,
+            total_steps=self.total_steps,
+            schedule=self.spec.lr_scheduler,
+        )
+        if self.resume_step is not None:
+            folder = store.local_path(layout.checkpoint(STAGE, self.resume_step))
+            self.state = load_checkpoint(folder, self.optimizer, self.scheduler, self.device)
+            if self.state.data_fingerprint != self.fingerprint:
+                raise UserError(
+                    f"cannot resume {STAGE} from checkpoint step {self.resume_step}: the prepared "
+                    "training data changed since it was written; start the run afresh "
+                    "(psft run --fresh) or restore the original data"
+                )
+        else:
+            self.state = TrainState(
+                total_steps=self.total_steps,
+                data_fingerprint=self.fingerprint,
+                objective=self.spec.objective,
+            )
+        self.state.total_steps = self.total_steps
+
+    # one step -------------------------------------------------------------------------------
+    def batch_for(self, step: int) -> list[Example]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        shuffle = self.config.job.spec.dataset.shuffle
+        order = epoch_order(len(self.train_rows), epoch, self.spec.seed, shuffle)
+        size = self.spec.batch_size
+        return [self.train_rows[k] for k in order[index * size : (index + 1) * size]]
+
+    def run_step(self) -> dict[str, Any]:
+        step = self.state.step
+        minibatches = make_minibatches(self.batch_for(step), self.spec, self.pad_id, self.device)
+        lr = self.scheduler.get_last_lr()[0]
+        result = train_step(self.model, self.optimizer, minibatches, self.objective)
+        self.scheduler.step()
+        self.state.step = step + 1
+        self.state.tokens += result.response_tokens
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "total_steps": self.total_steps,
+            "epoch": step // self.steps_per_epoch + 1,
+            **result.metrics(),
+            "learning_rate": lr,
+            "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+            "tokens": self.state.tokens,
+            "step_seconds": result.seconds,
+        }
+        if result.skipped_updates:
+            record["skipped_updates"] = result.skipped_updates
+        return record
+
+    def validate(self) -> dict[str, float]:
+        if not self.val_rows:
+            return {}
+        batches = validation_batches(
+            self.val_rows, self.spec.micro_batch_size, self.pad_id, self.device
+        )
+        return evaluate(self.model, batches)
+
+    def save(self) -> None:
+        folder = self.store.checkpoint_dir(STAGE, self.state.step)
+        save_checkpoint(
+            folder, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state
+        )
+        self.store.commit_checkpoint(STAGE, self.state.step)
+
+    # the loop -------------------------------------------------------------------------------
+    def fit(self, *, stop_after: int | None = None) -> dict[str, Any] | None:
+        """Train to total_steps; returns the summary (None when stopped by `stop_after`).
+
+        `stop_after` ends the process after that step as if it were interrupted (after the
+        step's checkpoint, if one was due): used to test resumption.
+        """
+        from transformers.utils import logging as hf_logging
+
+        from psft.trainer.telemetry import Telemetry
+
+        hf_logging.disable_progress_bar()  # ours is the only progress display
+
+        config, spec, store = self.config, self.spec, self.store
+        metrics_path = store.local_path(layout.metrics(STAGE))
+        began = time.monotonic()
+        elapsed_before = self.state.elapsed_s
+        with (
+            Telemetry(config, metrics_path, store=store) as telemetry,
+            StepProgress(self.total_steps, self.state.step, live=config.progress) as progress,
+        ):
+            telemetry.rewind(self.state.step)
+            if self.resume_step is not None:
+                progress.message(f"resuming {STAGE} from checkpoint step {self.resume_step}")
+            if telemetry.url:
+                progress.message(f"metrics: {telemetry.url}")
+            while self.state.step < self.total_steps:
+                record = self.run_step()
+                last = self.state.step == self.total_steps
+                due = spec.save_every > 0 and self.state.step % spec.save_every == 0
+                if last or due:
+                    record.update(self.validate())
+                self.state.elapsed_s = elapsed_before + time.monotonic() - began
+                record["elapsed_s"] = round(self.state.elapsed_s, 3)
+                self.state.last_record = record
+                if last or due:
+                    self.save()
+                telemetry.log(record)
+                progress.update(record)
+                if stop_after is not None and self.state.step >= stop_after and not last:
+                    return None
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        store = self.store
+        final_key = layout.final_model(STAGE)
+        final_dir = store.local_path(final_key)
+        final_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(final_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(final_dir)
+        store.push(final_key)
+        job = self.config.job
+        last = self.state.last_record
+        summary = {
+            "stage": STAGE,
+            "objective": self.spec.objective,
+            "model": job.spec.model.source,
+            "device": self.device,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "steps": self.state.step,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_rows": len(self.train_rows),
+            "validation_rows": len(self.val_rows),
+            "tokens": self.state.tokens,
+            "wall_time_s": round(self.state.elapsed_s, 3),
+            "final": {k: v for k, v in last.items() if isinstance(v, int | float)},
+            "final_model": final_key,
+            "checkpoint": layout.checkpoint(STAGE, self.state.step),
+            "state": {k: v for k, v in asdict(self.state).items() if k != "last_record"},
+        }
+        path = store.local_path(layout.stage_summary(STAGE))
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        store.push(layout.stage_summary(STAGE))
+        return summary
+
+
+def train(config: StageConfig, store: Any, *, stop_after: int | None = None) -> dict | None:
+    return Trainer(config, store).fit(stop_after=stop_after)
