@@ -12,9 +12,9 @@ queue labels that KubeRay turns into a PodGroup, when the spec names them.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import yaml
 from hera.workflows import models as m
 
 from psft.workflows import argo
@@ -139,7 +139,8 @@ def rayjob(job: PSFTJob, stage: Stage) -> dict[str, Any]:
 
 
 def _manifest(obj: dict[str, Any]) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, width=100)
+    # JSON is YAML, and dumping it is two orders of magnitude faster than PyYAML
+    return json.dumps(obj, indent=2) + "\n"
 
 
 def ray_config_template(job: PSFTJob, stage: Stage) -> m.Template:
