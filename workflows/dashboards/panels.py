@@ -275,15 +275,15 @@ TRAINING_DASHBOARD = DashboardDef(
                     key="gpu_utilization",
                     title="GPU utilisation",
                     description=(
-                        "DCGM_FI_DEV_GPU_UTIL of the GPUs held by the job's pods (Argo "
-                        "names them after the job). Empty without the NVIDIA DCGM exporter "
-                        "and its pod mapping."
+                        "DCGM_FI_DEV_GPU_UTIL of the GPUs held by the job's pods (named "
+                        "after its Workflow, psft-<job>-...). Empty without the NVIDIA DCGM "
+                        "exporter and its Kubernetes pod mapping."
                     ),
                     unit="percent",
                     queries=(
                         Query(
                             'avg by (namespace, pod) (DCGM_FI_DEV_GPU_UTIL{namespace=~"$namespace"'
-                            ', pod=~"($job)-.*"})',
+                            ', pod=~"psft-($job)-.*"})',
                             "{{pod}}",
                         ),
                     ),
@@ -300,7 +300,7 @@ TRAINING_DASHBOARD = DashboardDef(
                     queries=(
                         Query(
                             'sum by (namespace, pod) (DCGM_FI_DEV_FB_USED{namespace=~"$namespace"'
-                            ', pod=~"($job)-.*"})',
+                            ', pod=~"psft-($job)-.*"})',
                             "{{pod}}",
                         ),
                     ),
