@@ -12,7 +12,8 @@ OpenAPI v3 schema, the form Kubernetes requires for pruning, defaulting and CEL:
   `validate_job`, which rejects them.
 - a field typed `str | Model` (eval.benchmarks items) cannot be expressed structurally
   (a type inside anyOf is forbidden), so it is `x-kubernetes-preserve-unknown-fields`
-  and checked by the operator's validation.
+  and checked by the operator's validation. CEL cannot help there: the API server does
+  not expose untyped preserve-unknown-fields nodes (nor lists of them) to CEL rules.
 - cross-field rules from psft.workflows.validate that need no outside knowledge are CEL
   `x-kubernetes-validations` (CEL_RULES), evaluated by the API server after defaulting.
 
