@@ -33,10 +33,12 @@ from servers.seaweed import SeaweedS3  # noqa: E402
 
 from psft.trainer.storage.s3 import S3RunStore  # noqa: E402
 from psft.trainer.storage.s3client import S3Connection  # noqa: E402
+from psft.trainer.storage.transfer import TransferSettings  # noqa: E402
 from psft.workflows import layout  # noqa: E402
 from psft.workflows.spec import S3Storage  # noqa: E402
 
 MB = 1_000_000
+SETTINGS = TransferSettings()
 
 
 def write_safetensors_like(path: Path, size: int) -> None:
@@ -95,14 +97,14 @@ def ours_round(
     conn: S3Connection, bucket: str, src: Path, work: Path, tag: str
 ) -> tuple[float, float]:
     root = f"s3://{bucket}/ours/{tag}"
-    writer = S3RunStore(conn, root, work / "writer", keep_checkpoints=1)
+    writer = S3RunStore(conn, root, work / "writer", keep_checkpoints=1, settings=SETTINGS)
     ckpt = writer.checkpoint_dir("train", 1)
     for p in src.iterdir():
         os.link(p, ckpt / p.name)  # same bytes, no copy
     t0 = time.perf_counter()
     writer.commit_checkpoint("train", 1)
     up = time.perf_counter() - t0
-    reader = S3RunStore(conn, root, work / "reader", keep_checkpoints=1)
+    reader = S3RunStore(conn, root, work / "reader", keep_checkpoints=1, settings=SETTINGS)
     t0 = time.perf_counter()
     step = reader.latest_checkpoint("train")
     reader.pull(layout.checkpoint("train", step or 0))
@@ -111,10 +113,15 @@ def ours_round(
 
 
 def main() -> None:
+    global SETTINGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--part-mib", type=int, default=TransferSettings.part_size // 2**20)
+    parser.add_argument("--file-workers", type=int, default=TransferSettings.file_workers)
+    parser.add_argument("--part-workers", type=int, default=TransferSettings.part_workers)
     args = parser.parse_args()
+    SETTINGS = TransferSettings(args.part_mib * 2**20, args.file_workers, args.part_workers)
 
     with tempfile.TemporaryDirectory(prefix="psft-ckpt-bench-") as tmp:
         tmp_path = Path(tmp)
