@@ -85,6 +85,8 @@ def verl_settings(job: PSFTJob, inputs: VerlInputs) -> list[Setting]:
         Setting("psft.clip_ratio_high", psft.clip_ratio_high, "spec.psft.clipRatioHigh"),
         Setting("psft.clip_ratio_c", psft.clip_ratio_c, "spec.psft.clipRatioC"),
         Setting("psft.loss_agg_mode", psft.loss_agg_mode, "spec.psft.lossAggMode"),
+        Setting("psft.warmup_steps", psft.warmup_steps, "spec.psft.warmupSteps"),
+        Setting("psft.lr_scheduler", psft.lr_scheduler, "spec.psft.lrScheduler"),
         Setting("trainer.total_epochs", psft.epochs, "spec.psft.epochs"),
         Setting("trainer.total_training_steps", psft.max_steps, "spec.psft.maxSteps"),
         Setting("optim.lr", psft.learning_rate, "spec.psft.learningRate"),

@@ -13,6 +13,7 @@ actor can use it (`actor_rollout_ref.actor.policy_loss.loss_mode=psft`).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from verl.utils import tensordict_utils as tu
 from psft.trainer.loss import AggMode, PolicyStats, policy_loss, sft_loss
 
 STAT_KEYS = ("tokens", "clipped", "ratio_sum", "ratio_max", "kl_sum")
+SUM_KEYS = ("nll_sum", "seq_tokens")
+"""Per micro-batch sums beyond PolicyStats: NLL of the response tokens, all tokens."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ def psft_engine_loss(
         )
     stats = out.stats
     metrics = {f"psft/{k}": float(getattr(stats, k)) for k in STAT_KEYS}
+    with torch.no_grad():
+        metrics["psft/nll_sum"] = float(-(logp.detach() * mask).sum())
     return out.loss, metrics
 
 
@@ -170,6 +175,30 @@ class PreTokenizedDataset(torch.utils.data.Dataset):
         }
 
 
+class EpochOrderSampler(torch.utils.data.Sampler[int]):
+    """The native engine's row order (psft.trainer.engine.loop.epoch_order), split
+    across data-parallel ranks batch by batch, so both engines see the same batches."""
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size) * (self.batch_size // self.world)
+
+    def __iter__(self):
+        from psft.trainer.engine.loop import epoch_order
+
+        order = epoch_order(self.n, self.epoch, self.seed, self.shuffle)
+        per_rank = self.batch_size // self.world
+        for b in range(self.n // self.batch_size):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield from batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
 def _flatten(values: Any) -> list[float]:
     if isinstance(values, (list, tuple)):
         return [x for v in values for x in _flatten(v)]
@@ -226,14 +255,14 @@ class PSFTTrainer(SFTTrainer):
 
     def _build_dataloader(self) -> None:
         super()._build_dataloader()
-        # verl always shuffles with seed 0; follow dataset.shuffle and psft.seed instead
-        self.train_sampler = torch.utils.data.DistributedSampler(
-            self.train_dataset,
-            shuffle=bool(self.config.psft.shuffle),
+        # verl always shuffles with its own seed; use the native engine's order instead
+        self.train_sampler = EpochOrderSampler(
+            len(self.train_dataset),
+            batch_size=self.global_batch_size,
             seed=int(self.config.trainer.seed),
-            num_replicas=self.engine.get_data_parallel_size(),
+            shuffle=bool(self.config.psft.shuffle),
             rank=self.engine.get_data_parallel_rank(),
-            drop_last=True,
+            world=self.engine.get_data_parallel_size(),
         )
         loader_cls = type(self.train_dataloader)
         self.train_dataloader = loader_cls(
@@ -245,6 +274,21 @@ class PSFTTrainer(SFTTrainer):
             pin_memory=False,
             drop_last=True,
         )
+
+    def _init_engine(self) -> None:
+        super()._init_engine()
+        # the native engine's schedule (warm-up step 0 trains at peak/warmup, not at 0),
+        # also where verl's checkpoints save and restore it
+        from psft.trainer.engine.optim import build_scheduler
+
+        scheduler = build_scheduler(
+            self.engine.optimizer,
+            warmup_steps=int(self.config.psft.warmup_steps),
+            total_steps=int(self.total_training_steps),
+            schedule=str(self.config.psft.lr_scheduler),
+        )
+        self.engine.lr_scheduler = scheduler
+        self.engine.checkpoint_manager.lr_scheduler = scheduler
 
     def _meta_info(self) -> dict[str, Any]:
         return {
@@ -287,13 +331,17 @@ class PSFTTrainer(SFTTrainer):
         )
         output = self.training_client.train_mini_batch(data)
         metrics = tu.get(output, "metrics") if output is not None else {}
+        stats = _stats_from_metrics(metrics)
+        nll = sum(_flatten(metrics.get("psft/nll_sum", [])))
         record: dict[str, Any] = {
             "loss": _mean(_flatten(metrics.get("loss", []))),
+            "nll": nll / max(stats.tokens, 1.0),
             "entropy": entropy,
             "grad_norm": _mean(_flatten(metrics.get("grad_norm", []))),
+            **stats.means(),
+            "learning_rate": lr_used,
+            "response_tokens": int(stats.tokens),
         }
-        record["learning_rate"] = lr_used
-        record.update(_stats_from_metrics(metrics).means())
         return record
 
     def _validate(self) -> dict[str, float]:
@@ -315,13 +363,13 @@ class PSFTTrainer(SFTTrainer):
         return {"val_loss": float(sums[0] / sums[2]), "val_entropy": float(sums[1] / sums[2])}
 
     def fit(self) -> int:
-        """Train to the configured number of steps; returns the last step."""
+        """Train to the configured number of steps (as many epochs as that takes, like the
+        native engine); returns the last step."""
         step = self.resume_global_step
-        start_epoch = step // self.steps_per_epoch
         save_freq = int(self.config.trainer.save_freq)
         started = time.monotonic()
-        total_tokens = 0
-        for epoch in range(start_epoch, int(self.config.trainer.total_epochs)):
+        response_tokens = 0
+        for epoch in itertools.count(step // self.steps_per_epoch):
             self.train_sampler.set_epoch(epoch)
             for batch in self.train_dataloader:
                 step += 1
@@ -329,8 +377,8 @@ class PSFTTrainer(SFTTrainer):
                 data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
                 record = self._train_step(data)
                 tokens = int(sum(self._get_batch_seqlens(data)))
-                total_tokens += tokens
-                elapsed = time.monotonic() - t0
+                response_tokens += record.pop("response_tokens")
+                seconds = time.monotonic() - t0
                 last = step >= self.total_training_steps
                 saving = last or (save_freq > 0 and step % save_freq == 0)
                 if saving and self.val_dataloader is not None:
@@ -338,10 +386,11 @@ class PSFTTrainer(SFTTrainer):
                 record.update(
                     step=step,
                     total_steps=self.total_training_steps,
-                    epoch=epoch,
-                    tokens=total_tokens,
-                    tokens_per_second=tokens / max(elapsed, 1e-9),
-                    elapsed_s=time.monotonic() - started,
+                    epoch=epoch + 1,
+                    tokens=response_tokens,
+                    tokens_per_second=tokens / max(seconds, 1e-9),
+                    step_seconds=seconds,
+                    elapsed_s=round(time.monotonic() - started, 3),
                 )
                 if self.on_step is not None and self.rank == 0:
                     self.on_step(record)
@@ -351,7 +400,7 @@ class PSFTTrainer(SFTTrainer):
                         self.on_checkpoint(step, self.config.trainer.default_local_dir)
                 if last:
                     return step
-        return step
+        return step  # unreachable: itertools.count never ends
 
 
 def export_hf_model(trainer: SFTTrainer, source_model: str, out_dir: str) -> None:

@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_environment(os.environ.get("VERL_PLATFORM") or "cuda")
     import verl  # noqa: F401  (loads VERL_USE_EXTERNAL_MODULES)
 
+    from psft.trainer.verl.compat import skip_trl_value_head_patch
+
+    skip_trl_value_head_patch()
     config = OmegaConf.load(args.verl_config)
     if config.trainer.device == "cpu":
         from psft.trainer.verl import platform_cpu
