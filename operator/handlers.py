@@ -31,7 +31,7 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
-    settings.batching.worker_limit = 64
+    settings.queueing.worker_limit = 64
     settings.execution.max_workers = 16
     return settings
 
@@ -82,7 +82,8 @@ def workflow_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
     started = time.perf_counter()
     result = "error"
     try:
-        reconcile.sync_status(body["metadata"]["namespace"], owner[0])
+        workflow = _plain(body) if type != "DELETED" else None
+        reconcile.sync_status(body["metadata"]["namespace"], owner[0], workflow_seen=workflow)
         result = "ok"
     except kopf.TemporaryError:
         result = "retry"

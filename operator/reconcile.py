@@ -125,7 +125,12 @@ def reconcile_job(body: Obj, logger: Any) -> str:
     if workflow is not None and running_hash(workflow) != spec_hash(job):
         if job.spec.restart_policy == "OnSpecChange":
             logger.info(f"spec changed: restarting Workflow {wf_name}")
-            kopf.event(body, reason="Restarting", message="spec changed: recreating the Workflow")
+            kopf.event(
+                body,
+                type="Normal",
+                reason="Restarting",
+                message="spec changed: recreating the Workflow",
+            )
             with kube.retry_on_api_error(f"deleting Workflow {wf_name}"):
                 kube.delete_workflow(namespace, wf_name)
             workflow = None
@@ -146,6 +151,7 @@ def reconcile_job(body: Obj, logger: Any) -> str:
             )
         kopf.event(
             body,
+            type="Normal",
             reason="Suspended" if want_suspend else "Resumed",
             message=f"Workflow {wf_name} {'suspended' if want_suspend else 'resumed'}",
         )
@@ -177,12 +183,17 @@ def _create_or_adopt(body: Obj, desired: Obj, logger: Any) -> Obj:
         with kube.retry_on_api_error(f"creating Workflow {wf_name}"):
             raise
     logger.info(f"created Workflow {wf_name}")
-    kopf.event(body, reason="WorkflowCreated", message=f"created Workflow {wf_name}")
+    kopf.event(body, type="Normal", reason="WorkflowCreated", message=f"created Workflow {wf_name}")
     return created
 
 
-def sync_status(namespace: str, name: str, create_error: str | None = None) -> Obj | None:
-    """Recompute the job's status from fresh reads; write it only if it changed."""
+def sync_status(
+    namespace: str, name: str, create_error: str | None = None, workflow_seen: Obj | None = None
+) -> Obj | None:
+    """Recompute the job's status from fresh reads; write it only if it changed.
+
+    `workflow_seen`: the Workflow as a watch event just delivered it (saves reading it again
+    on the first attempt; a conflict retry reads everything afresh)."""
     with _lock(namespace, name):
         for _attempt in range(5):
             with kube.retry_on_api_error(f"reading PSFTJob {namespace}/{name}"):
@@ -194,8 +205,11 @@ def sync_status(namespace: str, name: str, create_error: str | None = None) -> O
             wf_name = None
             if job is not None:
                 wf_name = argo.workflow_name(job)
-                with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
-                    workflow = kube.get_workflow(namespace, wf_name)
+                if workflow_seen is not None and workflow_seen["metadata"]["name"] == wf_name:
+                    workflow, workflow_seen = workflow_seen, None
+                else:
+                    with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
+                        workflow = kube.get_workflow(namespace, wf_name)
                 owner = owner_of(workflow or {})
                 if workflow is not None and (owner is None or owner[1] != body["metadata"]["uid"]):
                     workflow = None  # someone else's (or a namesake's, being deleted)
@@ -239,7 +253,7 @@ def _post_transition_events(body: Obj, before: Obj, after: Obj) -> None:
     if new == "Failed":
         kopf.warn(body, reason="Failed", message=after.get("message", "the job failed"))
     elif new in ("Running", "Succeeded", "Suspended"):
-        kopf.event(body, reason=new, message=after.get("message", new.lower()))
+        kopf.event(body, type="Normal", reason=new, message=after.get("message", new.lower()))
 
 
 def _condition(status: Obj, ctype: str) -> Obj | None:

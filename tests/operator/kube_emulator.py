@@ -119,6 +119,8 @@ class Fault:
     watch: bool | None = None
     times: int = 1
     retry_after: int | None = None
+    agent: str | None = None
+    """Only requests whose User-Agent starts with this (e.g. `kopf/`)."""
     hits: int = 0
 
     def matches(self, request: rendering.Request) -> bool:
@@ -132,6 +134,7 @@ class Fault:
             and (self.subresource is None or request.subresource == self.subresource)
             and (self.name is None or request.name == self.name)
             and (self.watch is None or self.watch == is_watch)
+            and (self.agent is None or request.headers.get("User-Agent", "").startswith(self.agent))
         )
 
 
@@ -682,9 +685,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         watch: bool | None = None,
         times: int = 1,
         retry_after: int | None = None,
+        agent: str | None = None,
     ) -> Fault:
         """Answer the next `times` matching requests with HTTP `code` (429: with Retry-After)."""
-        fault = Fault(code, method, plural, subresource, name, watch, times, retry_after)
+        fault = Fault(code, method, plural, subresource, name, watch, times, retry_after, agent)
         self.faults.append(fault)
         return fault
 
