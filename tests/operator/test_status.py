@@ -1,0 +1,203 @@
+"""Pure status computation: Workflow (+ job) -> PSFTJob status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from harness import job_manifest, node, nodes
+
+from psft.operator.reconcile import spec_hash, validate
+from psft.operator.status import Observation, desired_status, stage_nodes, status_patch
+from psft.workflows.pipeline import build_pipeline
+
+WF = "psft-j"
+
+
+def _body(**spec) -> dict:
+    body = job_manifest("j", **spec)
+    body["metadata"].update(namespace="ml", uid="u-1", generation=3)
+    return body
+
+
+def _workflow(status: dict | None = None, suspend: bool = False) -> dict:
+    wf = {"metadata": {"name": WF}, "spec": {"entrypoint": "psft"}}
+    if suspend:
+        wf["spec"]["suspend"] = True
+    if status is not None:
+        wf["status"] = status
+    return wf
+
+
+def _status(body: dict, workflow: dict | None, now: str = "2026-01-01T00:00:00Z", **seen):
+    job, errors = validate(body)
+    stages = build_pipeline(job) if job else []
+    observation = Observation(errors=tuple(errors), workflow_name=WF, **seen)
+    return desired_status(body, job, stages, workflow, observation, now)
+
+
+def _conditions(status: dict) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_invalid_spec_lists_every_error():
+    body = _body(psft={"batchSize": 8, "miniBatchSize": 3, "microBatchSize": 5, "bogus": 1})
+    status = _status(body, None)
+    assert status["phase"] == "Invalid" and status["observedGeneration"] == 3
+    (valid,) = status["conditions"]
+    assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+    assert "spec.psft.bogus: unknown field" in valid["message"]
+    assert "workflowName" not in status
+
+
+def test_pending_before_and_after_creation():
+    body = _body()
+    status = _status(body, None)
+    assert status["phase"] == "Pending" and status["message"] == "creating the Workflow"
+    assert status["artifacts"]["runRoot"] == "s3://runs/psft/ml/j/u-1"
+    failed = _status(body, None, create_error="HTTP 403: forbidden")
+    assert _conditions(failed)["WorkflowCreated"] == ("False", "CreateFailed")
+    created = _status(body, _workflow())
+    assert _conditions(created) == {
+        "Valid": ("True", "SpecValid"),
+        "WorkflowCreated": ("True", "Created"),
+    }
+
+
+def test_running_progress_and_retry_nodes():
+    body = _body()
+    wf = _workflow(
+        {
+            "phase": "Running",
+            "nodes": nodes(
+                node(WF, "prepare", "Succeeded"),
+                # a retried stage: the Retry node is the stage, its children are attempts
+                {**node(WF, "train", "Running", progress="7/10"), "type": "Retry"},
+                {
+                    **node(WF, "train(0)", "Failed", message="pod deleted"),
+                    "displayName": "train(0)",
+                },
+            ),
+        }
+    )
+    status = _status(body, wf)
+    assert status["phase"] == "Running" and status["stage"] == "train"
+    assert status["progress"] == "7/10"
+    assert status["stages"]["train"]["phase"] == "Running"
+    assert status["metrics"] == {"stage": "train", "step": 7, "totalSteps": 10}
+    assert _conditions(status)["Training"] == ("True", "StageRunning")
+    assert set(stage_nodes(wf, build_pipeline(validate(body)[0]))) == {"prepare", "train"}
+
+
+def test_transition_times_only_move_on_change():
+    body = _body()
+    running = _workflow({"phase": "Running", "nodes": nodes(node(WF, "train", "Running", "1/9"))})
+    first = _status(body, running, now="2026-01-01T00:00:00Z")
+    body["status"] = first
+    later = _status(body, running, now="2026-01-01T05:00:00Z")
+    times = {c["type"]: c["lastTransitionTime"] for c in later["conditions"]}
+    assert set(times.values()) == {"2026-01-01T00:00:00Z"}
+    assert later == first
+    done = _workflow({"phase": "Running", "nodes": nodes(node(WF, "train", "Succeeded"))})
+    moved = _status(body, done, now="2026-01-01T06:00:00Z")
+    training = next(c for c in moved["conditions"] if c["type"] == "Training")
+    assert training["status"] == "False" and training["lastTransitionTime"].startswith(
+        "2026-01-01T06"
+    )
+
+
+def test_metrics_survive_progress_updates_and_final_outputs_win():
+    body = _body()
+    body["status"] = {"metrics": {"stage": "train", "step": 4, "entropy": 0.7}}
+    wf = _workflow({"phase": "Running", "nodes": nodes(node(WF, "train", "Running", "5/9"))})
+    assert _status(body, wf)["metrics"] == {
+        "stage": "train",
+        "step": 5,
+        "totalSteps": 9,
+        "entropy": 0.7,
+    }
+    record = {"step": 9, "total_steps": 9, "entropy": 0.5, "clip_fraction": 0.01, "extra": "x"}
+    outputs = {"parameters": [{"name": "metrics", "value": json.dumps(record)}]}
+    wf = _workflow(
+        {"phase": "Running", "nodes": nodes(node(WF, "train", "Succeeded", outputs=outputs))}
+    )
+    metrics = _status(body, wf)["metrics"]
+    assert metrics == {
+        "stage": "train",
+        "step": 9,
+        "totalSteps": 9,
+        "entropy": 0.5,
+        "clipFraction": 0.01,
+    }
+
+
+def test_grpo_eval_results_and_best_score():
+    body = _body(grpo={"enabled": True, "prompts": ["s3://data/p.jsonl"]})
+    ev1 = {
+        "parameters": [{"name": "eval-results", "value": json.dumps({"aime24": {"avg_at_k": 0.1}})}]
+    }
+    ev2 = [{"benchmark": "aime24", "avgAtK": 0.3, "passAtK": 0.6, "k": 4}]
+    ev2_out = {"parameters": [{"name": "eval-results", "value": json.dumps(ev2)}]}
+    wf = _workflow(
+        {
+            "phase": "Running",
+            "nodes": nodes(
+                node(WF, "eval", "Succeeded", outputs=ev1),
+                node(WF, "grpo", "Running", "2/50"),
+                node(WF, "eval-grpo", "Pending", outputs=ev2_out),
+            ),
+        }
+    )
+    status = _status(body, wf)
+    assert status["evalResults"] == {
+        "eval/aime24": {"avgAtK": 0.1},
+        "eval-grpo/aime24": {"avgAtK": 0.3, "passAtK": 0.6, "k": 4},
+    }
+    assert status["bestAvgAtK"] == 0.3
+    conditions = _conditions(status)
+    assert conditions["Reinforcing"] == ("True", "StageRunning")
+    assert conditions["Evaluating"] == ("False", "StagePending")
+    assert status["metrics"]["stage"] == "grpo"
+
+
+@pytest.mark.parametrize("phase", ["Failed", "Error"])
+def test_failure_names_the_stage(phase):
+    wf = _workflow(
+        {
+            "phase": phase,
+            "nodes": nodes(node(WF, "train", "Failed", message="exit code 1")),
+        }
+    )
+    status = _status(_body(), wf)
+    assert status["phase"] == "Failed"
+    assert _conditions(status)["Failed"] == ("True", "WorkflowFailed")
+    assert status["message"] == "stage train failed: exit code 1"
+
+
+def test_suspended_and_refused_change():
+    wf = _workflow({"phase": "Running"}, suspend=True)
+    assert _status(_body(), wf)["phase"] == "Suspended"
+    finished = _workflow({"phase": "Succeeded"}, suspend=True)
+    assert _status(_body(), finished)["phase"] == "Succeeded"
+    refused = _status(_body(), _workflow({"phase": "Running"}), refused_change="no")
+    assert _conditions(refused)["Valid"] == ("False", "SpecChangeRefused")
+    assert refused["phase"] == "Running" and refused["message"] == "no"
+
+
+def test_spec_hash_ignores_suspend_and_defaults():
+    base, _ = validate(_body())
+    suspended, _ = validate(_body(suspend=True))
+    explicit, _ = validate(_body(restartPolicy="Never"))
+    changed, _ = validate(_body(restartPolicy="OnSpecChange"))
+    assert spec_hash(base) == spec_hash(suspended) == spec_hash(explicit)
+    assert spec_hash(base) != spec_hash(changed)
+
+
+def test_status_patch_is_a_minimal_merge_patch():
+    current = {"phase": "Running", "stages": {"train": {"phase": "Running", "message": "x"}}}
+    desired = {"phase": "Running", "stages": {"train": {"phase": "Succeeded"}}, "stage": "eval"}
+    assert status_patch(current, desired) == {
+        "stages": {"train": {"phase": "Succeeded", "message": None}},
+        "stage": "eval",
+    }
+    assert status_patch(desired, desired) == {}
