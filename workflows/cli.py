@@ -68,6 +68,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from psft.trainer.eval.standalone import evaluate
+
+    return evaluate(args)
+
+
 def _cmd_crd(args: argparse.Namespace) -> int:
     from psft.workflows.crd import crd_yaml
 
@@ -117,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered model names")
     p.set_defaults(func=_cmd_models)
+
+    from psft.trainer.eval.standalone import add_arguments as add_evaluate_arguments
+
+    p = sub.add_parser("evaluate", help="evaluate a model folder or registered model")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("crd", help="print the PSFTJob CustomResourceDefinition (YAML)")
     p.set_defaults(func=_cmd_crd)

@@ -89,7 +89,10 @@ def _saved_steps(store: Any, target: str, records: list[dict[str, Any]]) -> list
 def select_checkpoints(store: Any, config: StageConfig) -> list[Checkpoint]:
     """The checkpoints to evaluate, all verified to exist (UserError otherwise)."""
     if config.target is None:
-        return [Checkpoint(STANDALONE_CHECKPOINT, None, source=config.job.spec.model.source)]
+        from psft.trainer.model import resolve_model
+
+        path = resolve_model(config.job.spec.model.source)  # a clear error when missing
+        return [Checkpoint(STANDALONE_CHECKPOINT, None, source=str(path))]
     target = config.target
     which = config.job.spec.eval.checkpoints
     if which == "final":
@@ -299,9 +302,7 @@ def run(config: StageConfig) -> dict[str, Any]:
     ):
         for ckpt in checkpoints:
             if ckpt.key is None:
-                from psft.trainer.model import resolve_model
-
-                path = resolve_model(ckpt.source or job.spec.model.source)
+                path = Path(str(ckpt.source))
             else:
                 path = model_folder(store.pull(ckpt.key), ckpt.name)
             log(f"checkpoint {ckpt.name}: loading {path}")

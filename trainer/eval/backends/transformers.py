@@ -16,6 +16,22 @@ from typing import Any
 from psft.trainer.eval.backends.base import Generation, Progress, SamplingConfig
 from psft.workflows.errors import UserError
 
+NEUTRAL_PROCESSORS: dict[str, Any] = {
+    "num_beams": 1,
+    "top_k": 0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+}
+"""Sampling is exactly temperature + top-p (as in vLLM): every other processor is off."""
+
 
 class TransformersBackend:
     name = "transformers"
@@ -80,7 +96,10 @@ class TransformersBackend:
     def _generation_config(self, sampling: SamplingConfig, max_new_tokens: int) -> Any:
         from transformers import GenerationConfig
 
+        # generate() fills every unset (None) field from the model's generation_config, so
+        # each logits processor a model may enable by default is set to its neutral value
         common: dict[str, Any] = {
+            **NEUTRAL_PROCESSORS,
             "max_new_tokens": max_new_tokens,
             "num_return_sequences": sampling.n,
             "pad_token_id": self.pad_id,
@@ -89,11 +108,7 @@ class TransformersBackend:
         }
         if sampling.temperature > 0:
             return GenerationConfig(
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=0,
-                **common,
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, **common
             )
         return GenerationConfig(do_sample=False, **common)
 
