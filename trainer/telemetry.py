@@ -75,6 +75,20 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _ranges(steps: list[int]) -> str:
+    """`1-3, 7` for [1, 2, 3, 7]."""
+    out: list[str] = []
+    start = prev = steps[0]
+    for s in [*steps[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}-{prev}" if prev > start else str(start))
+        if s is not None:
+            start = prev = s
+    return ", ".join(out)
+
+
 def metrics_bind_address() -> str:
     """All interfaces in a pod (Prometheus scrapes the pod IP), loopback elsewhere."""
     explicit = os.environ.get("PSFT_METRICS_ADDR")
@@ -174,15 +188,31 @@ class Telemetry:
             self._records += 1
             if self.enabled:
                 self._update_gauges(record)
-        if time.monotonic() - self._last_push >= self.push_interval_s:
+        if (
+            self._at_checkpoint(record)
+            or time.monotonic() - self._last_push >= self.push_interval_s
+        ):
             self._publish_jsonl(final=False)
+
+    def _at_checkpoint(self, record: dict[str, Any]) -> bool:
+        """Whether the stage saves a checkpoint at this record's step: the durable record
+        is published then too, so a restarted stage elsewhere finds the steps it keeps."""
+        step, every = record.get("step"), self.config.job.spec.psft.save_every
+        if self.config.kind != "train" or not isinstance(step, int):
+            return False
+        return (every > 0 and step % every == 0) or step == record.get("total_steps")
 
     def rewind(self, step: int) -> None:
         """Drop records after `step` (a stage resuming from checkpoint `step` repeats the
         steps after it; their first attempt would otherwise appear twice)."""
         if not self.jsonl_path.is_file():
+            if step > 0:
+                log.warning(
+                    "metrics: %s is missing; steps 1-%d have no records", self.jsonl_path, step
+                )
             return
-        kept = []
+        kept: list[str] = []
+        seen: set[int] = set()
         for line in self.jsonl_path.read_text().splitlines():
             if not line.strip():
                 continue
@@ -192,8 +222,19 @@ class Telemetry:
                 continue  # a line torn by a kill -9 mid-write
             if not isinstance(rec_step, int) or rec_step <= step:
                 kept.append(line)
+                if isinstance(rec_step, int):
+                    seen.add(rec_step)
         with self._lock:
             self.jsonl_path.write_text("".join(f"{line}\n" for line in kept))
+        missing = sorted(set(range(1, step + 1)) - seen)
+        if missing:
+            log.warning(
+                "metrics: %s has no records for steps %s (lost with the interrupted attempt); "
+                "training resumes from step %d regardless",
+                self.jsonl_path.name,
+                _ranges(missing),
+                step,
+            )
 
     def _update_gauges(self, record: dict[str, Any]) -> None:
         if "benchmark" in record:

@@ -301,3 +301,49 @@ def test_fetch_uri_downloads_once_and_verifies(s3_env, bucket, tmp_path: Path) -
 
     with pytest.raises(MissingArtifact, match="does not exist"):
         fetch_uri(f"s3://{bucket}/models/absent", cache, config=config)
+
+
+def test_metrics_jsonl_is_published_with_checkpoints_and_at_the_end(
+    s3_env, bucket, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    from psft.trainer.telemetry import Telemetry
+
+    monkeypatch.setenv("PSFT_METRICS_ADDR", "127.0.0.1")
+    job = make_job(storage=s3_env.storage_spec(bucket), psft={"saveEvery": 2})
+    config = make_stage_config(job, work_dir=str(tmp_path / "pod-0"), metrics_port=0)
+    store = open_store(config)
+    name = f"{RUN}/{layout.metrics('train')}"
+
+    def published() -> list[int]:
+        try:
+            resp = s3_env.client().get_object(bucket, name)
+        except Exception:
+            return []
+        try:
+            return [json.loads(x)["step"] for x in resp.read().decode().splitlines()]
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    with Telemetry(config, store.local_path(layout.metrics("train")), store=store) as tm:
+        tm.log({"step": 1, "total_steps": 5, "loss": 1.0})
+        assert published() == []
+        tm.log({"step": 2, "total_steps": 5, "loss": 0.9})  # a checkpoint step
+        assert published() == [1, 2]
+        tm.log({"step": 3, "total_steps": 5, "loss": 0.8})
+        assert published() == [1, 2]
+    assert published() == [1, 2, 3]  # on close
+
+    # a new pod resuming from checkpoint 2 continues the published record
+    config_b = config.model_copy(update={"work_dir": str(tmp_path / "pod-1")})
+    store_b = open_store(config_b)
+    path_b = store_b.local_path(layout.metrics("train"))
+    with Telemetry(config_b, path_b, store=store_b) as tm:
+        tm.rewind(2)
+        tm.log({"step": 3, "total_steps": 5, "loss": 0.7})
+    assert published() == [1, 2, 3]
+    assert [json.loads(x)["loss"] for x in path_b.read_text().splitlines()] == [1.0, 0.9, 0.7]
+    # a resume point past the published record is reported, not hidden
+    with caplog.at_level("WARNING"), Telemetry(config_b, path_b, store=store_b) as tm:
+        tm.rewind(6)
+    assert "no records for steps 4-6" in caplog.text

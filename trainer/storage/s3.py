@@ -196,6 +196,9 @@ class S3RunStore:
                 f"cannot commit checkpoint {step} of {stage}: {folder} is missing or empty"
             )
         self.push(key)  # every file, then the manifest
+        metrics = layout.metrics(stage)
+        if self.local_path(metrics).is_file():  # the record up to here, before the marker
+            self.push(metrics)
         self.transfer.write_bytes(self._name(layout.latest_marker(stage)), marker_body(step))
         log.info("checkpoint %s of %s committed to %s", step, stage, self.root)
         try:
