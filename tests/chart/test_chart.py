@@ -13,6 +13,8 @@ import yaml
 from chart_helpers import ALL_ON, CHART, NAMESPACE, RELEASE, Render, by_kind, one
 from k8s_tools import run_tool
 
+from psft.workflows.crd import to_json_schema
+
 K8S_VERSION = "1.37.0"
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 CUSTOM_GROUPS = ("monitoring.coreos.com/", "kopf.dev/", "psft.dev/")
@@ -33,7 +35,9 @@ def validate_manifests(docs: list[dict[str, Any]]) -> None:
         if doc["apiVersion"].startswith(CUSTOM_GROUPS):
             schema = schemas.get((doc["apiVersion"], doc["kind"]))
             if schema is not None:
-                jsonschema.validate(doc, schema)
+                # metadata is checked as ObjectMeta by the apiserver, not by the CRD schema
+                bare = {**doc, "metadata": {"name": doc["metadata"]["name"]}}
+                jsonschema.validate(bare, to_json_schema(schema))
             else:
                 assert doc["kind"] in PROMETHEUS_OPERATOR_KINDS, f"{where}: no CRD"
             continue

@@ -1,0 +1,108 @@
+"""The cluster examples: valid PSFTJobs, valid against the CRD, and runnable with what
+the chart installs (ServiceAccount, RBAC of resource steps, metrics port names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from chart_helpers import CHART, REPO, Render, one
+
+from psft.workflows.argo import render_workflow
+from psft.workflows.crd import to_json_schema
+from psft.workflows.validate import load_job
+
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml"))
+CLUSTER_EXAMPLES = [p for p in EXAMPLES if p.name != "quickstart.yaml"]
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((CHART / "crds" / "psftjobs.psft.dev.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    # OpenAPI v3 as JSON Schema, unknown fields rejected (kubectl's strict validation)
+    return to_json_schema(version["schema"]["openAPIV3Schema"])
+
+
+def test_the_seed_setups_are_all_there() -> None:
+    names = {p.name for p in CLUSTER_EXAMPLES}
+    assert {
+        "qwen2.5-7b-limo.yaml",
+        "llama3.1-8b.yaml",
+        "grpo-followup.yaml",
+        "multinode.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_is_valid_for_psft_and_for_the_crd(path: Path) -> None:
+    job = load_job(path)  # the same check as `psft validate`
+    document = yaml.safe_load(path.read_text())
+    # the apiserver checks metadata as ObjectMeta; a CRD schema constrains only the name
+    jsonschema.validate(
+        {**document, "metadata": {"name": document["metadata"]["name"]}}, crd_schema()
+    )
+    assert job.metadata.name == document["metadata"]["name"]
+
+
+def test_qwen_limo_uses_the_seed_hyperparameters() -> None:
+    p = load_job(REPO / "examples" / "qwen2.5-7b-limo.yaml").spec.psft
+    seed = (p.batch_size, p.mini_batch_size, p.learning_rate, p.warmup_steps, p.weight_decay)
+    assert seed == (64, 8, 1e-6, 10, 0.1)
+    assert (p.clip_ratio_low, p.clip_ratio_high, p.clip_ratio_c, p.grad_clip) == (
+        0.2,
+        0.28,
+        10.0,
+        1.0,
+    )
+    job = load_job(REPO / "examples" / "qwen2.5-7b-limo.yaml")
+    assert job.spec.resources.gpus_per_node == 8 and job.spec.psft.objective == "psft"
+    baseline = load_job(REPO / "examples" / "qwen2.5-7b-limo-sft.yaml")
+    assert baseline.spec.psft.objective == "sft"
+    assert baseline.spec.dataset == job.spec.dataset
+
+
+def _workflow(path: Path) -> dict[str, Any]:
+    return json.loads(json.dumps(render_workflow(load_job(path))))
+
+
+@pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.name)
+def test_workflows_use_the_chart_service_account_and_metrics_port(
+    path: Path, helm_template: Render
+) -> None:
+    workflow = _workflow(path)
+    sa = one(helm_template(), "ServiceAccount", "workflow")["metadata"]["name"]
+    assert workflow["spec"]["serviceAccountName"] == sa
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]["podMonitor"]
+    ports = {
+        p["name"]
+        for t in workflow["spec"]["templates"]
+        for p in (t.get("container") or {}).get("ports") or []
+    }
+    assert ports <= {values["portName"], values["rayPortName"]}
+    assert (
+        workflow["spec"]["podMetadata"]["labels"]["psft.dev/job"]
+        == workflow["metadata"]["labels"]["psft.dev/job"]
+    ), "the PodMonitor selects stage pods by psft.dev/job"
+
+
+def test_multinode_resource_steps_are_allowed_by_the_workflow_role(helm_template: Render) -> None:
+    """Argo runs resource steps as the workflow ServiceAccount: the Role must allow them."""
+    workflow = _workflow(REPO / "examples" / "multinode.yaml")
+    rules = one(helm_template({"workflows": {"rayJobs": True}}), "Role", "workflow")["rules"]
+    allowed = {
+        (g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+        for v in rule["verbs"]
+    }  # fmt: skip
+    needed_verbs = {"create": {"create", "get"}, "apply": {"create", "get", "patch"}}
+    steps = [t["resource"] for t in workflow["spec"]["templates"] if t.get("resource")]
+    assert steps, "multinode.yaml should render resource steps (ConfigMap, RayJob)"
+    for step in steps:
+        manifest = yaml.safe_load(step["manifest"])
+        group = manifest["apiVersion"].rpartition("/")[0]
+        plural = manifest["kind"].lower() + "s"
+        for verb in needed_verbs[step["action"]]:
+            assert (group, plural, verb) in allowed, (manifest["kind"], verb)
