@@ -278,3 +278,21 @@ def test_workflow_role_grants_rayjobs_only_when_asked(helm_template: Render) -> 
     assert {g for r in plain for g in r["apiGroups"]} == {"argoproj.io"}
     assert {"ray.io", ""} <= {g for r in ray for g in r["apiGroups"]}
     assert all("delete" not in r["verbs"] for r in ray)
+
+
+@pytest.mark.parametrize("flags", ["defaults", "all-on"])
+def test_notes_render(chart_dir: Path, tmp_path: Path, flags: str) -> None:
+    """NOTES.txt is only rendered by install; a client-side dry run needs no cluster."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(ALL_ON if flags == "all-on" else {}))
+    proc = run_tool(
+        "helm", "install", RELEASE, str(chart_dir), "--namespace", NAMESPACE,
+        "--dry-run=client", "--values", str(values),
+    )  # fmt: skip
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "kubectl apply -f examples/qwen2.5-7b-limo.yaml" in notes
+    if flags == "all-on":
+        assert "team-a, team-b" in notes and "s3://psft-artifacts" in notes
+        assert "PSFTEntropyCollapse" in notes
+    else:
+        assert "Argo Workflows is not part of this release" in notes
