@@ -85,7 +85,10 @@ def run(config: StageConfig) -> None:
     from psft.trainer.verl.data import verl_rows
 
     device = _device(config)
-    prepare_environment(device)
+    if device == "cpu":
+        from psft.trainer.verl.platform_cpu import use_in_this_process
+
+        use_in_this_process()  # the config checks below import verl here too
     stage = config.stage
     store = open_run_store(config)
     work = store.work_dir / stage / "verl"

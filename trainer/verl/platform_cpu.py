@@ -146,6 +146,15 @@ class PlatformCPU(PlatformBase):
         return None
 
 
+def use_in_this_process() -> None:
+    """Make the CPU platform current in a process that imported verl without the hook
+    (e.g. `psft train` itself, which only composes and checks the config)."""
+    from verl.plugin.platform import platform_manager
+
+    if platform_manager._current_platform is None:
+        platform_manager.set_platform(PlatformCPU())
+
+
 def init_process_group(timeout_s: int = 36000) -> tuple[int, int, int]:
     """verl's `initialize_global_process_group`, with plain gloo (torchrun env variables)."""
     if not dist.is_initialized():

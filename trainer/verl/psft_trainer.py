@@ -264,6 +264,21 @@ class PSFTTrainer(SFTTrainer):
             rank=self.engine.get_data_parallel_rank(),
             world=self.engine.get_data_parallel_size(),
         )
+        if self.val_dataset is not None:
+            # every held-out row counts (verl's loader drops all but whole global batches)
+            self.val_dataloader = torch.utils.data.DataLoader(
+                self.val_dataset,
+                batch_size=int(self.config.data.micro_batch_size_per_gpu),
+                sampler=torch.utils.data.DistributedSampler(
+                    self.val_dataset,
+                    shuffle=False,
+                    drop_last=False,
+                    num_replicas=self.engine.get_data_parallel_size(),
+                    rank=self.engine.get_data_parallel_rank(),
+                ),
+                collate_fn=self.collate_fn,
+                num_workers=0,
+            )
         loader_cls = type(self.train_dataloader)
         self.train_dataloader = loader_cls(
             dataset=self.train_dataset,
