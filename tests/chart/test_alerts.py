@@ -50,10 +50,13 @@ SERIES = [
         "series": 'psft_train_total_steps{namespace="ml", job="done", stage="train", pod="p4"}',
         "values": "100x60",
     },
-    # operator: one job fails at minute 5 in namespace ml; none in namespace other
-    {"series": 'psft_jobs{namespace="ml", phase="Failed"}', "values": "0x4 1x20"},
-    {"series": 'psft_jobs{namespace="other", phase="Failed"}', "values": "0x25"},
-    {"series": 'psft_jobs{namespace="other", phase="Running"}', "values": "3x25"},
+    # operator (2 replicas, scraped in its namespace): one job fails at minute 5
+    {
+        "series": 'psft_jobs{namespace="psft-system", pod="op-1", phase="Failed"}',
+        "values": "0x4 1x20",
+    },
+    {"series": 'psft_jobs{namespace="psft-system", pod="op-2", phase="Failed"}', "values": "0x25"},
+    {"series": 'psft_jobs{namespace="psft-system", pod="op-1", phase="Running"}', "values": "3x25"},
 ]
 
 
@@ -108,11 +111,12 @@ def test_alerts_fire_on_collapse_stall_and_failure_only(
         },
     )
     failed = (
-        {"namespace": "ml", "severity": "critical"},
+        {"severity": "critical"},
         {
-            "summary": "1 PSFTJob(s) failed in namespace ml",
-            "description": "kubectl get psftjobs -n ml shows which; kubectl describe "
-            "psftjob NAME gives the failed stage and its message.",
+            "summary": "1 PSFTJob(s) in phase Failed",
+            "description": "kubectl get psftjobs -A shows which; kubectl describe psftjob -n "
+            "NAMESPACE NAME gives the failed stage and its message. The alert clears when the "
+            "failed jobs are deleted or restarted.",
         },
     )
     tests = {

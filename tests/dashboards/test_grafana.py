@@ -74,9 +74,12 @@ def test_training_dashboard_filters_every_query_by_namespace_and_job() -> None:
             assert "$job" in t["expr"], t["expr"]
 
 
-def test_operator_dashboard_has_no_job_variable() -> None:
+def test_operator_dashboard_selects_the_operator_by_namespace() -> None:
     board = build_dashboard(OPERATOR_DASHBOARD)
     assert "job" not in {v["name"] for v in board["templating"]["list"]}
+    for p in _panels(board):
+        for t in p["targets"]:
+            assert '"$namespace"' in t["expr"], t["expr"]
 
 
 ISSUE_PANELS = {

@@ -104,7 +104,7 @@ def _variables(d: DashboardDef) -> list[Any]:
     namespace_source = "psft_train_step" if d.job_variable else "psft_jobs"
     variables.append(
         dash_b.QueryVariable("namespace")
-        .label("Namespace")
+        .label("Namespace" if d.job_variable else "Operator namespace")
         .datasource(DATASOURCE)
         .query(f"label_values({namespace_source}, namespace)")
         .refresh(REFRESH_ON_TIME_CHANGE)

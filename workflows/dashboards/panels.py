@@ -9,7 +9,9 @@ Metric names follow psft.trainer.telemetry: a record key `k` of a train/grpo sta
 gauge `psft_train_<k>` with labels namespace, job, stage; eval records become
 `psft_eval_accuracy{benchmark,k}`. Operator metrics: `psft_jobs{phase}`,
 `psft_reconcile_total{result}`, `psft_reconcile_seconds` (histogram),
-`psft_stage_duration_seconds{stage}`. GPU panels read NVIDIA DCGM exporter metrics.
+`psft_stage_duration_seconds{stage}`; these carry no job labels, and `namespace` is the
+operator's own (added by the ServiceMonitor), which is what the operator dashboard's
+namespace variable selects. GPU panels read NVIDIA DCGM exporter metrics.
 """
 
 from __future__ import annotations
@@ -314,7 +316,10 @@ TRAINING_DASHBOARD = DashboardDef(
 OPERATOR_DASHBOARD = DashboardDef(
     uid="psft-operator",
     title="PSFT / Operator",
-    description="The psft operator: PSFTJobs by phase, reconciles, stage durations.",
+    description=(
+        "The psft operator: PSFTJobs by phase, reconciles, stage durations. `namespace` "
+        "selects the operator installation (the namespace it runs in)."
+    ),
     job_variable=False,
     rows=(
         Row(
@@ -323,10 +328,13 @@ OPERATOR_DASHBOARD = DashboardDef(
                 PanelDef(
                     key="jobs_by_phase",
                     title="Jobs by phase",
-                    description="PSFTJobs per phase (Pending, Running, Succeeded, Failed...).",
+                    description=(
+                        "PSFTJobs per phase (Pending, Running, Succeeded, Failed...), as "
+                        "counted by the operator (max over its replicas)."
+                    ),
                     queries=(
                         Query(
-                            f"sum by (phase) (psft_jobs{{{NAMESPACE_SELECTOR}}})",
+                            f"max by (phase) (psft_jobs{{{NAMESPACE_SELECTOR}}})",
                             "{{phase}}",
                         ),
                     ),
@@ -359,7 +367,7 @@ OPERATOR_DASHBOARD = DashboardDef(
                     queries=tuple(
                         Query(
                             f"histogram_quantile({q}, sum by (le) "
-                            "(rate(psft_reconcile_seconds_bucket[5m])))",
+                            f"(rate(psft_reconcile_seconds_bucket{{{NAMESPACE_SELECTOR}}}[5m])))",
                             f"p{round(q * 100)}",
                         )
                         for q in (0.5, 0.95, 0.99)
@@ -373,7 +381,11 @@ OPERATOR_DASHBOARD = DashboardDef(
                     description="Reconciles per second by result (ok, error, retry...).",
                     unit="ops",
                     queries=(
-                        Query("sum by (result) (rate(psft_reconcile_total[5m]))", "{{result}}"),
+                        Query(
+                            "sum by (result) "
+                            f"(rate(psft_reconcile_total{{{NAMESPACE_SELECTOR}}}[5m]))",
+                            "{{result}}",
+                        ),
                     ),
                     width=12,
                 ),
