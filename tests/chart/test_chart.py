@@ -65,6 +65,7 @@ def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
     deploy = one(docs, "Deployment", "operator")
     assert deploy["metadata"]["namespace"] == NAMESPACE
     assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}, "never two operators at once"
     pod = deploy["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -119,6 +120,7 @@ def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
     assert "--all-namespaces" not in container["args"]
     assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     spread = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 100
