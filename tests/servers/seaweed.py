@@ -147,7 +147,7 @@ class SeaweedS3:
         with suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=3)  # temp data: no need to wait for a slow shutdown
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=15)
