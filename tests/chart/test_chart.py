@@ -225,6 +225,7 @@ def test_crds_ship_with_the_chart(chart_dir: Path) -> None:
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     crds = by_kind(docs, "CustomResourceDefinition")
     assert "psftjobs.psft.dev" in {c["metadata"]["name"] for c in crds}
+    validate_manifests(crds)
 
 
 def _operator_rule_triples(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
