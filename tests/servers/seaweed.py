@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 ACCESS_KEY = "PSFTTESTACCESSKEY"
@@ -34,6 +35,7 @@ PORT_FLAGS = (
     "admin.port",
     "admin.port.grpc",
     "webdav.port",
+    "s3.port.https",
 )
 
 
@@ -58,11 +60,47 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+@dataclass(frozen=True)
+class PrivateCA:
+    ca: Path
+    """CA certificate (what storage.s3.caBundle points at)."""
+    cert: Path
+    key: Path
+
+
+def make_test_ca(folder: Path) -> PrivateCA:
+    """A private CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(args: str, *more: str) -> None:
+        argv = ["openssl", *args.split(), *more]
+        subprocess.run(argv, cwd=folder, check=True, capture_output=True)
+
+    new_key = "-newkey rsa:2048 -nodes -days 2"
+    openssl(f"req -x509 {new_key} -keyout ca.key -out ca.pem", "-subj", "/CN=psft test CA")
+    openssl(f"req {new_key} -keyout server.key -out server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2"
+        " -out server.pem -extfile san.cnf"
+    )
+    return PrivateCA(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+
 class SeaweedS3:
     """`weed mini` with an S3 API on a free port, data under `root`."""
 
-    def __init__(self, root: Path, *, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        access_key: str = ACCESS_KEY,
+        secret_key: str = SECRET_KEY,
+        tls: bool = False,
+    ):
         self.root = Path(root)
+        self.tls = make_test_ca(self.root / "tls") if tls else None
+        """With TLS the S3 API answers HTTPS only, with a certificate from a private CA."""
         self.access_key = access_key
         self.secret_key = secret_key
         self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
@@ -71,7 +109,8 @@ class SeaweedS3:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.ports['s3.port']}"
+        port = self.ports["s3.port.https" if self.tls else "s3.port"]
+        return f"127.0.0.1:{port}"
 
     def env(self) -> dict[str, str]:
         """Environment variables a stage reads its keys from."""
@@ -79,13 +118,26 @@ class SeaweedS3:
 
     def storage_spec(self, bucket: str, **extra: object) -> dict[str, object]:
         """The `spec.storage` of a PSFTJob using this server (no keys in it)."""
-        s3 = {"endpoint": self.endpoint, "bucket": bucket, "secure": False, **extra}
+        s3: dict[str, object] = {"endpoint": self.endpoint, "bucket": bucket, "secure": False}
+        if self.tls:
+            s3.update(secure=True, caBundle=str(self.tls.ca))
+        s3.update(extra)
         return {"type": "s3", "s3": s3}
 
     def client(self, secret_key: str | None = None):
+        import urllib3
         from minio import Minio
 
-        return Minio(self.endpoint, self.access_key, secret_key or self.secret_key, secure=False)
+        http = None
+        if self.tls:
+            http = urllib3.PoolManager(ca_certs=str(self.tls.ca), cert_reqs="CERT_REQUIRED")
+        return Minio(
+            self.endpoint,
+            self.access_key,
+            secret_key or self.secret_key,
+            secure=self.tls is not None,
+            http_client=http,
+        )
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
         identities = {
@@ -110,6 +162,8 @@ class SeaweedS3:
             "-admin.ui=false",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
+        if self.tls:
+            argv += [f"-s3.cert.file={self.tls.cert}", f"-s3.key.file={self.tls.key}"]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -347,3 +347,31 @@ def test_metrics_jsonl_is_published_with_checkpoints_and_at_the_end(
     with caplog.at_level("WARNING"), Telemetry(config_b, path_b, store=store_b) as tm:
         tm.rewind(6)
     assert "no records for steps 4-6" in caplog.text
+
+
+def test_tls_with_a_private_ca_bundle(tmp_path: Path, monkeypatch) -> None:
+    server = SeaweedS3(tmp_path / "seaweed-tls", tls=True).start()
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        bucket = server.create_bucket("psft-tls")
+        store = open_store(s3_config(server, bucket, tmp_path))  # secure, caBundle
+        expected = write_checkpoint(store, 1)
+        store.commit_checkpoint("train", 1)
+        reader = open_store(s3_config(server, bucket, tmp_path, "b"))
+        assert tree_md5(reader.pull(layout.checkpoint("train", reader.latest_checkpoint("train"))))
+        assert tree_md5(reader.local_path(layout.checkpoint("train", 1))) == expected
+
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        untrusted = s3_config(server, bucket, tmp_path, caBundle=None)
+        with pytest.raises(StorageError, match=r"TLS .* failed.*storage\.s3\.caBundle"):
+            open_run_store(untrusted)
+        with pytest.raises(StorageError, match=r"caBundle: .* is not a file"):
+            open_run_store(s3_config(server, bucket, tmp_path, caBundle=str(tmp_path / "nope")))
+    finally:
+        server.stop(kill=True)
+
+
+def test_tls_against_a_plain_http_server_says_so(s3_env, bucket, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=r"does not speak TLS.*secure: false"):
+        open_run_store(s3_config(s3_env, bucket, tmp_path, secure=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,6 +157,16 @@ class S3Connection:
                     ) from None
                 reason = f"HTTP {status}"
             except (ServerError, urllib3.exceptions.HTTPError, OSError) as exc:
+                tls = _tls_problem(exc)
+                if tls:
+                    raise StorageError(
+                        f"TLS to S3 at {self.endpoint} failed during {what} ({tls}); "
+                        + (
+                            "the server does not speak TLS here: set storage.s3.secure: false"
+                            if "WRONG_VERSION_NUMBER" in tls
+                            else "for a private CA set storage.s3.caBundle to its certificate"
+                        )
+                    ) from None
                 if attempt == attempts:
                     raise StorageError(
                         f"S3 at {self.endpoint} failed {what} after {attempts} tries "
@@ -209,6 +220,18 @@ class S3Connection:
             if "BucketAlreadyOwnedByYou" not in str(exc) and "BucketAlreadyExists" not in str(exc):
                 raise
         log.info("created bucket %s at %s", bucket, self.endpoint)
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    """The TLS error behind a failed request (not worth retrying), if that is what it was."""
+    reason: BaseException | None = exc
+    for _ in range(4):
+        if reason is None:
+            return None
+        if isinstance(reason, ssl.SSLError | urllib3.exceptions.SSLError):
+            return str(reason)[:200]
+        reason = getattr(reason, "reason", None) or reason.__cause__ or reason.__context__
+    return None
 
 
 def _short(exc: BaseException) -> str:
