@@ -59,6 +59,13 @@ def stage_config_for(
     )
 
 
+@pytest.fixture(scope="session")
+def config_factory():
+    """stage_config_for, for tests that bring their own model (helpers are not importable
+    from test modules under --import-mode=importlib)."""
+    return stage_config_for
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, tiny_model_dir: Path):
     def make(train: list[str], *, kind: str = "prepare", model: str | None = None, **sections):

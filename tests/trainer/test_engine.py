@@ -232,3 +232,15 @@ def test_sft_objective_logs_the_same_keys(make_config, data_file) -> None:
     assert recs[0]["ratio_mean"] == 1.0 and recs[0]["clip_fraction"] == 0.0
     assert recs[0]["loss"] == pytest.approx(recs[0]["nll"], rel=0.1)
     assert summary["objective"] == "sft"
+
+
+def test_precision_is_mixed_on_cuda_and_literal_on_cpu() -> None:
+    from psft.trainer.engine.precision import resolve_precision
+
+    gpu = resolve_precision("auto", "cuda")
+    assert gpu.param_dtype == torch.float32 and gpu.autocast_dtype == torch.bfloat16
+    assert resolve_precision("float16", "cuda").autocast_dtype == torch.float16
+    assert resolve_precision("float32", "cuda").autocast_dtype is None
+    cpu = resolve_precision("auto", "cpu")
+    assert cpu.param_dtype == torch.float32 and cpu.autocast_dtype is None
+    assert resolve_precision("bfloat16", "cpu").param_dtype == torch.bfloat16

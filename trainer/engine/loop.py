@@ -19,6 +19,7 @@ from psft.trainer.engine.checkpoint import (
     save_checkpoint,
 )
 from psft.trainer.engine.optim import build_optimizer, build_scheduler
+from psft.trainer.engine.precision import resolve_precision
 from psft.trainer.engine.progress import StepProgress
 from psft.trainer.engine.step import MicroBatch, ObjectiveConfig, evaluate, train_step
 from psft.workflows import layout
@@ -101,10 +102,11 @@ class Trainer:
         self.model_dir = model_dir
         random.seed(self.spec.seed)
         torch.manual_seed(self.spec.seed)
+        self.precision = resolve_precision(job.spec.model.dtype, self.device)
         self.model, self.tokenizer = load_model_and_tokenizer(
             model_dir,
             device=self.device,
-            dtype=job.spec.model.dtype,
+            dtype=self.precision.param_dtype,
             chat_template=job.spec.model.chat_template,
             trust_remote_code=job.spec.model.trust_remote_code,
         )
@@ -152,7 +154,8 @@ class Trainer:
         step = self.state.step
         minibatches = make_minibatches(self.batch_for(step), self.spec, self.pad_id, self.device)
         lr = self.scheduler.get_last_lr()[0]
-        result = train_step(self.model, self.optimizer, minibatches, self.objective)
+        with self.precision.autocast():
+            result = train_step(self.model, self.optimizer, minibatches, self.objective)
         self.scheduler.step()
         self.state.step = step + 1
         self.state.tokens += result.response_tokens
@@ -176,7 +179,8 @@ class Trainer:
         batches = validation_batches(
             self.val_rows, self.spec.micro_batch_size, self.pad_id, self.device
         )
-        return evaluate(self.model, batches)
+        with self.precision.autocast():
+            return evaluate(self.model, batches)
 
     def save(self) -> None:
         folder = self.store.checkpoint_dir(STAGE, self.state.step)
@@ -243,7 +247,7 @@ class Trainer:
             "objective": self.spec.objective,
             "model": job.spec.model.source,
             "device": self.device,
-            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "precision": self.precision.describe(),
             "steps": self.state.step,
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
