@@ -375,3 +375,19 @@ def test_tls_with_a_private_ca_bundle(tmp_path: Path, monkeypatch) -> None:
 def test_tls_against_a_plain_http_server_says_so(s3_env, bucket, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=r"does not speak TLS.*secure: false"):
         open_run_store(s3_config(s3_env, bucket, tmp_path, secure=True))
+
+
+def test_folder_changed_behind_the_manifest_is_refused(s3_env, bucket, tmp_path: Path) -> None:
+    writer = open_store(s3_config(s3_env, bucket, tmp_path, "a"))
+    final = writer.local_path(layout.final_model("train"))
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors").write_bytes(os.urandom(2048))
+    writer.push(layout.final_model("train"))
+    name = f"{RUN}/train/final/model.safetensors"
+    s3_env.client().put_object(bucket, name, io.BytesIO(b"other"), 5)
+    reader = open_store(s3_config(s3_env, bucket, tmp_path, "b"))
+    with pytest.raises(StorageError, match="differs from the folder's manifest"):
+        reader.pull(layout.final_model("train"))
+    writer.push(layout.final_model("train"))  # pushing again repairs it
+    assert tree_md5(reader.pull(layout.final_model("train"))) == tree_md5(final)

@@ -163,6 +163,8 @@ class Transfer:
         if not files:
             raise StorageError(f"cannot upload {folder}: the folder is empty")
         rel = {p: p.relative_to(folder).as_posix() for p in files}
+        # a folder being replaced stops looking complete until its new manifest lands
+        self.delete([f"{prefix}/{MANIFEST}"])
         with ThreadPoolExecutor(max_workers=self.settings.file_workers) as pool:
             uploaded = dict(
                 zip(
