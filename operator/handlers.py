@@ -31,7 +31,8 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
-    settings.queueing.worker_limit = 64
+    # kopf keeps one worker per object; a capped pool would make jobs beyond the cap wait
+    # for idle workers to time out (seconds each), so the pool stays unbounded (default)
     settings.execution.max_workers = 16
     return settings
 
@@ -55,12 +56,12 @@ def disconnect(**_: Any) -> None:
 @kopf.on.resume(*JOBS, registry=REGISTRY)
 @kopf.on.create(*JOBS, registry=REGISTRY)
 @kopf.on.update(*JOBS, registry=REGISTRY)
-def reconcile_job(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+def reconcile_job(body: kopf.Body, reason: str | None, logger: logging.Logger, **_: Any) -> None:
     """Validate, create/adopt/restart the Workflow, suspend/resume it, update status."""
     started = time.perf_counter()
     result = "error"
     try:
-        result = reconcile.reconcile_job(_plain(body), logger)
+        result = reconcile.reconcile_job(_plain(body), logger, reason=reason)
     except kopf.TemporaryError:
         result = "retry"
         raise
@@ -83,6 +84,10 @@ def workflow_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
     result = "error"
     try:
         workflow = _plain(body) if type != "DELETED" else None
+        namespace = body["metadata"]["namespace"]
+        if workflow is not None and reconcile.already_synced(namespace, owner[0], workflow):
+            result = "ok"
+            return  # the status already reflects this very version of the Workflow
         reconcile.sync_status(body["metadata"]["namespace"], owner[0], workflow_seen=workflow)
         result = "ok"
     except kopf.TemporaryError:

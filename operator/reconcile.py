@@ -30,6 +30,7 @@ SPEC_HASH = argo.SPEC_HASH_ANNOTATION
 _FINISHED = {"Succeeded", "Failed", "Error"}
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
+_synced: dict[tuple[str, str], str | None] = {}  # job -> Workflow resourceVersion of its status
 
 
 def _lock(namespace: str, name: str) -> threading.Lock:
@@ -40,6 +41,7 @@ def _lock(namespace: str, name: str) -> threading.Lock:
 def forget(namespace: str, name: str) -> None:
     with _locks_guard:
         _locks.pop((namespace, name), None)
+        _synced.pop((namespace, name), None)
 
 
 def now() -> str:
@@ -104,19 +106,25 @@ def refused_change(job: PSFTJob | None, workflow: Obj | None) -> str | None:
     )
 
 
-def reconcile_job(body: Obj, logger: Any) -> str:
-    """Bring the job's Workflow in line with its spec; returns ok | invalid."""
+def reconcile_job(body: Obj, logger: Any, reason: str | None = None) -> str:
+    """Bring the job's Workflow in line with its spec; returns ok | invalid.
+
+    `reason` is kopf's cause (create, update, resume): a job seen for the first time goes
+    straight to creating its Workflow (409 -> adopt); otherwise the Workflow is read first.
+    """
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     job, _errors = validate(body)
     if job is None:
-        sync_status(namespace, name)
+        sync_status(namespace, name, job_seen=body)
         return "invalid"
 
     desired = render(job, body)
     wf_name = desired["metadata"]["name"]
-    with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
-        workflow = kube.get_workflow(namespace, wf_name)
+    workflow = None
+    if reason != "create":
+        with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
+            workflow = kube.get_workflow(namespace, wf_name)
     if workflow is not None and (owner_of(workflow) or (None, None))[1] != meta["uid"]:
         message = f"Workflow {wf_name} exists and is not owned by this PSFTJob; waiting"
         sync_status(namespace, name, create_error=message)
@@ -155,7 +163,7 @@ def reconcile_job(body: Obj, logger: Any) -> str:
             reason="Suspended" if want_suspend else "Resumed",
             message=f"Workflow {wf_name} {'suspended' if want_suspend else 'resumed'}",
         )
-    sync_status(namespace, name)
+    sync_status(namespace, name, job_seen=body, workflow_seen=workflow)
     return "ok"
 
 
@@ -187,17 +195,33 @@ def _create_or_adopt(body: Obj, desired: Obj, logger: Any) -> Obj:
     return created
 
 
-def sync_status(
-    namespace: str, name: str, create_error: str | None = None, workflow_seen: Obj | None = None
-) -> Obj | None:
-    """Recompute the job's status from fresh reads; write it only if it changed.
+def already_synced(namespace: str, name: str, workflow: Obj) -> bool:
+    """Whether the job's status was last computed from exactly this Workflow version."""
+    with _locks_guard:
+        return _synced.get((namespace, name)) == workflow["metadata"].get("resourceVersion")
 
-    `workflow_seen`: the Workflow as a watch event just delivered it (saves reading it again
-    on the first attempt; a conflict retry reads everything afresh)."""
+
+def sync_status(
+    namespace: str,
+    name: str,
+    create_error: str | None = None,
+    workflow_seen: Obj | None = None,
+    job_seen: Obj | None = None,
+) -> Obj | None:
+    """Recompute the job's status and write it only if it changed.
+
+    `workflow_seen` / `job_seen`: objects the caller has just received (a watch event, a
+    create response); they save reads on the first attempt. A seen job is only trusted for
+    a write guarded by its resourceVersion: "nothing changed" is confirmed on a fresh read.
+    """
     with _lock(namespace, name):
         for _attempt in range(5):
-            with kube.retry_on_api_error(f"reading PSFTJob {namespace}/{name}"):
-                body = kube.get_job(namespace, name)
+            if job_seen is not None:
+                body, trusted = job_seen, False
+                job_seen = None
+            else:
+                with kube.retry_on_api_error(f"reading PSFTJob {namespace}/{name}"):
+                    body, trusted = kube.get_job(namespace, name), True
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
             job, errors = validate(body)
@@ -223,6 +247,9 @@ def sync_status(
             current = body.get("status") or {}
             desired = desired_status(body, job, stages, workflow, seen, now())
             if not status_changed(current, desired):
+                if not trusted:
+                    continue  # the seen copy may be stale: confirm on a fresh read
+                _remember(namespace, name, workflow)
                 TRACKER.observe(namespace, name, body["metadata"]["uid"], desired)
                 return desired
             patch = status_patch(current, desired)
@@ -235,10 +262,16 @@ def sync_status(
                     return None
                 with kube.retry_on_api_error(f"writing status of {namespace}/{name}"):
                     raise
+            _remember(namespace, name, workflow)
             TRACKER.observe(namespace, name, body["metadata"]["uid"], desired)
             _post_transition_events(body, current, desired)
             return desired
         raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=1)
+
+
+def _remember(namespace: str, name: str, workflow: Obj | None) -> None:
+    with _locks_guard:
+        _synced[(namespace, name)] = (workflow or {}).get("metadata", {}).get("resourceVersion")
 
 
 def _post_transition_events(body: Obj, before: Obj, after: Obj) -> None:
