@@ -391,3 +391,38 @@ def test_folder_changed_behind_the_manifest_is_refused(s3_env, bucket, tmp_path:
         reader.pull(layout.final_model("train"))
     writer.push(layout.final_model("train"))  # pushing again repairs it
     assert tree_md5(reader.pull(layout.final_model("train"))) == tree_md5(final)
+
+
+def test_5xx_resets_and_timeouts_are_retried(seaweed, bucket, tmp_path, monkeypatch) -> None:
+    from servers.faulty_proxy import FaultyProxy
+
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    proxy = FaultyProxy(seaweed.endpoint, stall_s=2.0).start()
+    try:
+        s3 = {"endpoint": proxy.endpoint, "bucket": bucket, "secure": False}
+        job = make_job(storage={"type": "s3", "s3": s3})
+        config = make_stage_config(job, work_dir=str(tmp_path / "work"))
+        # each fault fails one try of an operation (also those urllib3 retries itself)
+        policy = RetryPolicy(attempts=8, base_delay_s=0.05, max_delay_s=0.2, read_timeout_s=1.0)
+        store = open_store(config, policy=policy)
+        expected = write_checkpoint(store, 1, big=11 * MiB)  # 3 parts
+        proxy.inject("503", "reset", "500", "stall", "503", "reset")
+        store.commit_checkpoint("train", 1)
+        assert proxy.served == ["503", "reset", "500", "stall", "503", "reset"]
+        assert store.latest_checkpoint("train") == 1
+
+        other_pod = config.model_copy(update={"work_dir": str(tmp_path / "b")})
+        reader = open_store(other_pod, policy=policy)
+        proxy.inject("reset", "503", "stall")
+        assert tree_md5(reader.pull(layout.checkpoint("train", 1))) == expected
+
+        # a server that keeps failing: a clear error after the retries, old marker kept
+        write_checkpoint(store, 2)
+        proxy.inject(*["503"] * 100)
+        with pytest.raises(StorageError, match=r"failed .* after 8 tries"):
+            store.commit_checkpoint("train", 2)
+        proxy.faults.clear()
+        assert reader.latest_checkpoint("train") == 1
+    finally:
+        proxy.stop()

@@ -145,8 +145,14 @@ class S3Connection:
             try:
                 return fn()
             except S3Error as exc:
-                if exc.code not in TRANSIENT_CODES or attempt == attempts:
+                if exc.code not in TRANSIENT_CODES:
                     raise self.explain(exc, what, bucket) from None
+                if attempt == attempts:
+                    raise StorageError(
+                        f"S3 at {self.endpoint} failed {what} after {attempts} tries "
+                        f"({exc.code}: {exc.message}); the server is failing or overloaded, "
+                        "try again later"
+                    ) from None
                 reason = f"{exc.code}"
             except InvalidResponseError as exc:
                 status = getattr(exc, "_code", None) or 0
