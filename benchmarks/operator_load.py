@@ -103,13 +103,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def run(jobs: int, concurrency: int, timeout: float) -> dict[str, Any]:
+def run(jobs: int, concurrency: int, timeout: float, profile: Path | None = None) -> dict[str, Any]:
     with TimedEmulatorThread() as emu, tempfile.TemporaryDirectory() as tmp:
         kubeconfig = emu.write_kubeconfig(Path(tmp) / "kubeconfig")
         health_port = _free_port()
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         argv = [sys.executable, "-m", "psft.workflows.cli", "operator", "--namespace", NS]
+        if profile is not None:  # the event-loop thread only (kopf), not handler threads
+            argv[1:1] = ["-m", "cProfile", "-o", str(profile)]
         argv += ["--standalone", "--metrics-port", "0", "--health-port", str(health_port)]
         log = open(Path(tmp) / "operator.log", "wb")  # noqa: SIM115
         operator = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -222,8 +224,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="client threads creating jobs")
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for all jobs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", type=Path, help="cProfile the operator's main thread")
     args = parser.parse_args()
-    figures = run(args.jobs, args.concurrency, args.timeout)
+    figures = run(args.jobs, args.concurrency, args.timeout, args.profile)
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         print(f"{key:<{width}}  {value}")

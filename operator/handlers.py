@@ -6,7 +6,6 @@ effects on other kopf operators in the same process.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any
@@ -71,19 +70,19 @@ def reconcile_job(body: kopf.Body, reason: str | None, logger: logging.Logger, *
 
 
 def _owned_workflow(body: kopf.Body, **_: Any) -> bool:
-    return reconcile.owner_of(_plain(body)) is not None
+    return reconcile.owner_of(_workflow_view(body)) is not None
 
 
 @kopf.on.event(*WORKFLOWS, when=_owned_workflow, registry=REGISTRY)
 def workflow_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
     """Mirror an owned Workflow's progress into its PSFTJob's status."""
-    owner = reconcile.owner_of(_plain(body))
+    owner = reconcile.owner_of(_workflow_view(body))
     if owner is None:
         return
     started = time.perf_counter()
     result = "error"
     try:
-        workflow = _plain(body) if type != "DELETED" else None
+        workflow = _workflow_view(body) if type != "DELETED" else None
         namespace = body["metadata"]["namespace"]
         if workflow is not None and reconcile.already_synced(namespace, owner[0], workflow):
             result = "ok"
@@ -124,5 +123,14 @@ def forget_job(meta: kopf.Meta, **_: Any) -> None:
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
-    """A deep copy of the raw object (kopf's Body is a read-only view)."""
-    return copy.deepcopy(dict(body))
+    """The raw object as a dict (kopf's Body is a view). Shallow: callers only read it."""
+    return dict(body)
+
+
+def _workflow_view(body: kopf.Body) -> dict[str, Any]:
+    """What status mirroring reads of a Workflow; its templates (large) are left out."""
+    return {
+        "metadata": body.get("metadata") or {},
+        "spec": {"suspend": (body.get("spec") or {}).get("suspend")},
+        "status": body.get("status") or {},
+    }
