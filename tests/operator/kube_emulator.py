@@ -16,6 +16,7 @@ the `kubernetes` client and an operator in another thread can all talk to it ove
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import contextlib
 import copy
@@ -231,6 +232,16 @@ def field_selector_matches(selector: str | None, obj: Obj) -> bool:
     return True
 
 
+def _encode_string_data(rt: ResourceType, obj: Obj) -> None:
+    """Secrets: the API server stores `stringData` base64-encoded into `data`."""
+    if rt.key == "v1/secrets" and isinstance(obj.get("stringData"), dict):
+        encoded = {
+            k: base64.b64encode(str(v).encode()).decode() for k, v in obj["stringData"].items()
+        }
+        obj["data"] = {**(obj.get("data") or {}), **encoded}
+        del obj["stringData"]
+
+
 class KubeEmulator(kmock.KubernetesEmulator):
     """kmock's Kubernetes emulator with the API-server semantics kopf needs (module docstring).
 
@@ -442,6 +453,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             )
         if rt.status_subresource:
             obj.pop("status", None)  # status is written only through the subresource
+        _encode_string_data(rt, obj)
         if namespace is not None:
             self._create_namespace(namespace)
         return self._insert(rt, key, obj)
@@ -506,6 +518,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     candidate["status"] = copy.deepcopy(current["status"])
                 else:
                     candidate.pop("status", None)
+        _encode_string_data(rt, candidate)
         meta = candidate.setdefault("metadata", {})
         old_meta = current["metadata"]
         for fixed in ("uid", "creationTimestamp", "name", "namespace", "generation"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
@@ -444,3 +445,42 @@ def test_rbac_rules_cover_every_call(cluster: Cluster, emulator, operator):
         ("argoproj.io", "workflows"),  # delete: restart on spec change (tested above)
         ("psft.dev", "psftjobs/status"),  # get: not needed by kopf here
     }
+
+
+def test_deletion_removes_s3_artifacts_then_releases_the_job(cluster: Cluster, operator, tmp_path):
+    from servers.seaweed import SeaweedS3
+
+    s3 = SeaweedS3(tmp_path / "seaweed").start()
+    try:
+        bucket = s3.create_bucket("runs")
+        cluster.core.create_namespaced_secret(
+            NS,
+            {
+                "metadata": {"name": "s3-keys"},
+                "stringData": {"accessKey": s3.access_key, "secretKey": s3.secret_key},
+            },
+        )
+        storage = s3.storage_spec(bucket, secretRef={"name": "s3-keys"})
+        storage["deleteOnJobDeletion"] = True
+        created = cluster.create_job(job_manifest("wiped", storage=storage))
+        cluster.wait_phase("wiped", "Pending")
+        root = f"psft/{NS}/wiped/{created['metadata']['uid']}"
+        client = s3.client()
+        for key in (f"{root}/train/metrics.jsonl", f"{root}/train/final/model.safetensors"):
+            client.put_object(bucket, key, io.BytesIO(b"x"), 1)
+        client.put_object(bucket, f"psft/{NS}/other/u/keep.json", io.BytesIO(b"{}"), 2)
+
+        cluster.delete_job("wiped")
+        wait_for(
+            lambda: (
+                not cluster.objects.list_namespaced_custom_object(
+                    "psft.dev", "v1alpha1", NS, "psftjobs"
+                )["items"]
+            ),
+            what="the job to go",
+        )
+        remaining = [o.object_name for o in client.list_objects(bucket, recursive=True)]
+        assert remaining == [f"psft/{NS}/other/u/keep.json"]
+        assert cluster.workflows() == []
+    finally:
+        s3.stop()
