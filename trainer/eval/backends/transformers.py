@@ -18,17 +18,18 @@ from psft.workflows.errors import UserError
 
 NEUTRAL_PROCESSORS: dict[str, Any] = {
     "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+}
+NEUTRAL_WARPERS: dict[str, Any] = {
     "top_k": 0,
     "min_p": 0.0,
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0,
-    "min_length": 0,
-    "min_new_tokens": 0,
 }
 """Sampling is exactly temperature + top-p (as in vLLM): every other processor is off."""
 
@@ -108,7 +109,11 @@ class TransformersBackend:
         }
         if sampling.temperature > 0:
             return GenerationConfig(
-                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, **common
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                **NEUTRAL_WARPERS,
+                **common,
             )
         return GenerationConfig(do_sample=False, **common)
 
