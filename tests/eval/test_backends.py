@@ -208,3 +208,49 @@ def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_backend("auto", cuda=True) == "vllm"
     assert choose_backend("auto", cuda=False) == "transformers"
     assert choose_backend("vllm") == "vllm"
+
+
+def test_eval_stage_on_the_vllm_backend(
+    trained_run: Path,
+    make_job: Any,
+    make_config: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from psft.trainer.eval import stage
+
+    vllm = StandInVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    data = tmp_path / "ones.jsonl"
+    data.write_text(json.dumps({"problem": "1*1?", "answer": "1"}) + "\n")
+    job = make_job(
+        benchmarks=[{"name": "ones", "path": str(data)}],
+        backend="vllm",
+        samples=3,
+        temperature=0.6,
+        topP=0.9,
+        maxTokens=77,
+        seed=5,
+        tensorParallelSize=2,
+    )
+    job.spec.model.dtype = "bfloat16"
+    summary = stage.run(make_config(job, trained_run))
+
+    (kwargs,) = vllm.llm_kwargs
+    final = str(trained_run / "train" / "final")
+    assert (kwargs["model"], kwargs["tokenizer"]) == (final, final)
+    assert (kwargs["tensor_parallel_size"], kwargs["dtype"], kwargs["seed"]) == (2, "bfloat16", 5)
+    ((prompts, params, _),) = vllm.generate_calls
+    assert params.kwargs == {"n": 3, "temperature": 0.6, "top_p": 0.9, "max_tokens": 77, "seed": 5}
+    # the prompt is the chat template applied by our tokenizer, as token ids
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    text = tokenizer.decode(prompts[0]["prompt_token_ids"])
+    assert text.endswith("<|im_start|>user\n1*1?<|im_end|>\n<|im_start|>assistant\n")
+    (row,) = summary["results"]
+    assert summary["backend"] == "vllm"
+    assert row["avg_at_k"] == pytest.approx(1 / 3)  # the stand-in answers 0, 1, 2
+    assert row["pass_at_k"] == 1.0 and row["truncated_fraction"] == pytest.approx(1 / 3)
