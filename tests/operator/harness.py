@@ -28,7 +28,7 @@ def job_manifest(name: str, **spec_overrides: Any) -> dict[str, Any]:
     return {"apiVersion": f"{G}/{V}", "kind": "PSFTJob", "metadata": {"name": name}, "spec": spec}
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -85,7 +85,7 @@ class Cluster:
         ]
 
     def wait_status(
-        self, name: str, predicate: Callable[[dict[str, Any]], Any], timeout: float = 15
+        self, name: str, predicate: Callable[[dict[str, Any]], Any], timeout: float = 30
     ) -> dict[str, Any]:
         """Wait until the job's status satisfies `predicate`; return that status."""
 
@@ -95,7 +95,7 @@ class Cluster:
 
         return wait_for(check, timeout, what=f"the status of {name}")
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 15) -> dict[str, Any]:
+    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
         return self.wait_status(name, lambda s: s.get("phase") == phase, timeout)
 
     def workflow_creates(self, emulator: Any) -> list[Any]:

@@ -62,18 +62,24 @@ def test_psft_operator_process(kubeconfig, api):
         wait_for(healthy, timeout=30, what="the liveness probe")
         cluster = Cluster(api)
         cluster.create_job(job_manifest("proc"))
-        wait_for(lambda: cluster.workflow("psft-proc"), what="the Workflow")
-        cluster.wait_phase("proc", "Pending")
+        # generous timeouts: a fresh process on a busy CI machine (they return when met)
+        wait_for(lambda: cluster.workflow("psft-proc"), timeout=60, what="the Workflow")
+        cluster.wait_phase("proc", "Pending", timeout=60)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         scraped = wait_for(
             lambda: (
                 (t := urllib.request.urlopen(url).read().decode())
                 and 'psft_jobs{phase="Pending"} 1.0' in t
                 and t
-            )
+            ),
+            timeout=60,
         )
         assert 'psft_reconcile_total{result="ok"}' in scraped
         assert "psft_reconcile_seconds_bucket" in scraped
+    except AssertionError as exc:
+        proc.kill()
+        output = proc.communicate()[0].decode(errors="replace")[-4000:]
+        raise AssertionError(f"{exc}\n--- operator output ---\n{output}") from None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -81,4 +87,6 @@ def test_psft_operator_process(kubeconfig, api):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, proc.stdout.read().decode()[-3000:]
+    output = proc.stdout.read().decode(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{output[-4000:]}"
+    assert "created Workflow psft-proc" in output
