@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -38,11 +39,18 @@ async def operate(
     standalone: bool = True,
     peering_name: str | None = None,
     liveness_endpoint: str | None = None,
+    priority: int | None = None,
     stop_flag: Any = None,
     ready_flag: Any = None,
 ) -> None:
-    """The operator as a coroutine (what tests and benchmarks run in their own loop)."""
+    """The operator as a coroutine (what tests and benchmarks run in their own loop).
+
+    With peering, replicas need distinct priorities: kopf pauses every operator that sees
+    a live peer of the same priority. Each replica therefore draws a random one (unless
+    given); the highest runs, the others stand by and take over when it leaves."""
     settings = handlers.configure(kopf.OperatorSettings())
+    if priority is None:
+        priority = secrets.randbelow(2**31 - 1) + 1
     await kopf.operator(
         registry=handlers.REGISTRY,
         settings=settings,
@@ -50,6 +58,7 @@ async def operate(
         clusterwide=clusterwide,
         standalone=standalone,
         peering_name=peering_name,
+        priority=priority,
         liveness_endpoint=liveness_endpoint,
         stop_flag=stop_flag,
         ready_flag=ready_flag,

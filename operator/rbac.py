@@ -14,16 +14,15 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
         "verbs": ["get", "list", "watch", "patch"],
     },
     # status is written only through the status subresource
-    {"apiGroups": ["psft.dev"], "resources": ["psftjobs/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["psft.dev"], "resources": ["psftjobs/status"], "verbs": ["patch"]},
     # the owned Argo Workflow: created, watched, suspended/resumed, deleted on restart
     {
         "apiGroups": ["argoproj.io"],
         "resources": ["workflows"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
-    # Events on PSFTJobs (kopf posts them)
+    # Events on PSFTJobs (kopf posts core/v1 Events)
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
     # kopf's discovery of namespaces and custom resources at runtime
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {
@@ -35,7 +34,7 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
     {
         "apiGroups": ["kopf.dev"],
         "resources": ["kopfpeerings", "clusterkopfpeerings"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["list", "watch", "patch"],
     },
     # S3 credentials of jobs with storage.deleteOnJobDeletion (artifact cleanup)
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},

@@ -39,7 +39,8 @@ def start_operator(kubeconfig) -> Iterator[Callable[..., OperatorThread]]:
 
     def start(**kwargs) -> OperatorThread:
         kwargs.setdefault("namespaces", [NS])
-        op = OperatorThread(standalone=True, **kwargs).start()
+        kwargs.setdefault("standalone", True)
+        op = OperatorThread(**kwargs).start()
         running.append(op)
         return op
 
@@ -404,14 +405,8 @@ def test_finalizer_only_when_artifacts_are_deleted(cluster: Cluster, operator):
     assert not cluster.job("keep")["metadata"].get("finalizers")
 
 
-def test_rbac_rules_cover_every_call(cluster: Cluster, emulator, operator):
-    cluster.create_job(job_manifest("rb"))
-    wf_name = _wf_name("rb")
-    wait_for(lambda: cluster.workflow(wf_name))
-    cluster.set_workflow_status(wf_name, {"phase": "Running"})
-    cluster.wait_phase("rb", "Running")
-    cluster.patch_job("rb", {"spec": {"suspend": True}})
-    cluster.wait_phase("rb", "Suspended")
+def _operator_calls(emulator: EmulatorThread) -> set[tuple[str, str, str]]:
+    """(API group, resource[/subresource], RBAC verb) of every call the operator made."""
 
     def verb(r) -> str:
         if r.params.get("watch") == "true":
@@ -427,23 +422,37 @@ def test_rbac_rules_cover_every_call(cluster: Cluster, emulator, operator):
         if r.headers.get("User-Agent", "").startswith(operator_agents):
             plural = f"{r.resource.plural}/{r.subresource}" if r.subresource else r.resource.plural
             used.add((r.resource.group, plural, verb(r)))
-    allowed = {
+    return used
+
+
+def _allowed_calls() -> set[tuple[str, str, str]]:
+    return {
         (group, resource, v)
         for rule in OPERATOR_RULES
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for v in rule["verbs"]
     }
+
+
+def test_rbac_rules_cover_every_call(cluster: Cluster, emulator, operator):
+    cluster.create_job(job_manifest("rb"))
+    wf_name = _wf_name("rb")
+    wait_for(lambda: cluster.workflow(wf_name))
+    cluster.set_workflow_status(wf_name, {"phase": "Running"})
+    cluster.wait_phase("rb", "Running")
+    cluster.patch_job("rb", {"spec": {"suspend": True}})
+    cluster.wait_phase("rb", "Suspended")
+
+    used = _operator_calls(emulator)
+    allowed = _allowed_calls()
     assert used - allowed == set()
     # and the rules ask for little more than what runs here (peering, artifact cleanup)
-    unused = {(g, r) for g, r, _ in allowed - used}
-    assert unused <= {
-        ("kopf.dev", "kopfpeerings"),
-        ("kopf.dev", "clusterkopfpeerings"),
-        ("", "secrets"),
-        ("events.k8s.io", "events"),
-        ("argoproj.io", "workflows"),  # delete: restart on spec change (tested above)
-        ("psft.dev", "psftjobs/status"),  # get: not needed by kopf here
+    assert allowed - used == {
+        ("kopf.dev", "kopfpeerings", v) for v in ("list", "watch", "patch")
+    } | {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")} | {
+        ("", "secrets", "get"),  # artifact cleanup (its own test)
+        ("argoproj.io", "workflows", "delete"),  # restart on spec change (its own test)
     }
 
 
@@ -484,3 +493,31 @@ def test_deletion_removes_s3_artifacts_then_releases_the_job(cluster: Cluster, o
         assert cluster.workflows() == []
     finally:
         s3.stop()
+
+
+def test_peering_one_active_replica_and_takeover(cluster: Cluster, emulator, start_operator):
+    cluster.objects.create_namespaced_custom_object(
+        "kopf.dev", "v1", NS, "kopfpeerings", {"metadata": {"name": "psft-operator"}}
+    )
+    peers = {"standalone": False, "peering_name": "psft-operator"}
+    leader = start_operator(priority=20, **peers)
+    start_operator(priority=10, **peers)
+
+    def registered() -> int:
+        body = cluster.objects.get_namespaced_custom_object(
+            "kopf.dev", "v1", NS, "kopfpeerings", "psft-operator"
+        )
+        return len(body.get("status") or {}) == 2
+
+    wait_for(registered, what="both replicas in the peering object")
+    cluster.create_job(job_manifest("led"))
+    cluster.wait_phase("led", "Pending")
+    time.sleep(0.5)
+    assert len(cluster.workflow_creates(emulator)) == 1  # the standby did not act
+
+    leader.stop()  # the standby takes over
+    cluster.create_job(job_manifest("after"))
+    cluster.wait_phase("after", "Pending")
+    assert len(cluster.workflows()) == 2
+    used = _operator_calls(emulator)
+    assert used - _allowed_calls() == set()  # peering is in the rules
