@@ -29,35 +29,36 @@ def measure(
     prompts: list[list[int]],
     sampling: SamplingConfig,
     batch_size: int,
-) -> tuple[int, float]:
-    """(generated tokens, seconds) for all prompts at `batch_size` prompts per call."""
+) -> tuple[int, float, float]:
+    """(generated tokens, wall seconds, CPU seconds) at `batch_size` prompts per call."""
     import torch
 
     backend.batch_size = batch_size
     backend.generate(prompts[:batch_size], SamplingConfig(1, 0.0, 1.0, 2, 0))  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = backend.generate(prompts, sampling)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return sum(g.tokens for gens in out for g in gens), seconds
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return sum(g.tokens for gens in out for g in gens), wall, cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--benchmark", default="math500", help="registered benchmark for prompts")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--benchmark", default="amc23", help="registered benchmark for prompts")
+    parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt (k)")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs; best counts")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
@@ -81,17 +82,28 @@ def main() -> None:
         f"{max(map(len, prompts))} tokens), k={args.samples}, max {args.max_tokens} new tokens, "
         f"T={args.temperature} top-p={args.top_p}"
     )
-    rows = []
-    for label, size in (
-        ("one prompt at a time", 1),
-        (f"batched ({args.batch_size})", args.batch_size),
+    # one-at-a-time and batched alternate, so a busy neighbour slows both alike; the best
+    # of the repeats counts. CPU-seconds show the work done whatever the machine's load.
+    best: dict[int, tuple[int, float, float]] = {}
+    for _ in range(args.repeats):
+        for size in (1, args.batch_size):
+            tokens, wall, cpu = measure(backend, prompts, sampling, size)
+            if size not in best or tokens / wall > best[size][0] / best[size][1]:
+                best[size] = (tokens, wall, cpu)
+    for size, label in (
+        (1, "one prompt at a time"),
+        (args.batch_size, f"batched ({args.batch_size})"),
     ):
-        tokens, seconds = measure(backend, prompts, sampling, size)
-        rows.append((label, tokens, seconds, tokens / seconds))
+        tokens, wall, cpu = best[size]
         print(
-            f"{label:22} {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:8.1f} tokens/s"
+            f"{label:22} {tokens:6d} tokens in {wall:7.2f} s = {tokens / wall:8.1f} tokens/s "
+            f"({tokens / cpu:8.1f} per CPU-second)"
         )
-    print(f"ratio batched / one at a time: {rows[1][3] / rows[0][3]:.2f}x")
+    one, batched = best[1], best[args.batch_size]
+    print(
+        f"ratio batched / one at a time: {(batched[0] / batched[1]) / (one[0] / one[1]):.2f}x "
+        f"wall, {(batched[0] / batched[2]) / (one[0] / one[2]):.2f}x per CPU-second"
+    )
 
 
 if __name__ == "__main__":

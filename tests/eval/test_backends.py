@@ -12,7 +12,7 @@ import pytest
 
 from psft.trainer.eval.backends import choose_backend
 from psft.trainer.eval.backends.base import Generation, SamplingConfig
-from psft.trainer.eval.backends.transformers import TransformersBackend
+from psft.trainer.eval.backends.transformers import NucleusFilter, TransformersBackend
 from psft.trainer.eval.backends.vllm import VLLMBackend
 from psft.workflows.errors import UserError
 
@@ -93,7 +93,9 @@ def test_generation_config_is_exactly_the_spec(backend: TransformersBackend) -> 
     try:
         cfg = backend._generation_config(SamplingConfig(4, 0.7, 0.95, 99, 0), 99)
         effective, _ = backend.model._prepare_generation_config(cfg)
-        assert (effective.do_sample, effective.temperature, effective.top_p) == (True, 0.7, 0.95)
+        assert (effective.do_sample, effective.temperature, effective.top_p) == (True, 0.7, 1.0)
+        (nucleus,) = backend._logits_processors(SamplingConfig(4, 0.7, 0.95, 99, 0))
+        assert isinstance(nucleus, NucleusFilter) and nucleus.top_p == 0.95  # top-p is ours
         assert effective.num_return_sequences == 4 and effective.max_new_tokens == 99
         assert effective.use_cache and effective.num_beams == 1
         assert effective.top_k == 0 and effective.min_p == 0.0 and effective.typical_p == 1.0
@@ -103,6 +105,29 @@ def test_generation_config_is_exactly_the_spec(backend: TransformersBackend) -> 
         assert backend.model._prepare_generation_config(greedy)[0].do_sample is False
     finally:
         defaults.update(**saved)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
+def test_nucleus_filter_equals_transformers_top_p(top_p: float) -> None:
+    import torch
+    from transformers import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 5000
+    peaked = torch.randn(4, vocab, generator=generator) * 8  # nucleus within the candidates
+    flat = torch.randn(3, vocab, generator=generator) * 0.1  # nucleus needs a full sort
+    for scores in (peaked, flat, torch.cat([peaked, flat])):
+        ours = NucleusFilter(top_p, candidates=64)(None, scores.clone())
+        reference = TopPLogitsWarper(top_p)(None, scores.clone())
+        probs = scores.softmax(-1)
+        for row, col in (torch.isinf(ours) != torch.isinf(reference)).nonzero().tolist():
+            # only float rounding at the boundary may differ: the mass above that token
+            # equals top_p to float precision
+            mass_above = probs[row][probs[row] > probs[row, col]].sum().item()
+            assert mass_above == pytest.approx(top_p, abs=1e-6)
+        kept = ~torch.isinf(ours)
+        assert torch.equal(ours[kept], scores[kept])
+    assert NucleusFilter(1.0)(None, peaked) is peaked
 
 
 def test_prompt_longer_than_the_context_is_a_user_error(backend: TransformersBackend) -> None:
