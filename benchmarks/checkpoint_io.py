@@ -10,7 +10,7 @@ round:
          byte ranges).
 Prints MB/s of each and the ratio ours/plain, measured side by side in the same run.
 
-    .venv/bin/python benchmarks/checkpoint_io.py [--size-mb 500] [--rounds 2]
+    .venv/bin/python benchmarks/checkpoint_io.py [--size-mb 500] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main() -> None:
     global SETTINGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--part-mib", type=int, default=TransferSettings.part_size // 2**20)
     parser.add_argument("--file-workers", type=int, default=TransferSettings.file_workers)
     parser.add_argument("--part-workers", type=int, default=TransferSettings.part_workers)
