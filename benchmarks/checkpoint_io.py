@@ -72,6 +72,12 @@ def make_checkpoint(folder: Path, total_mb: int) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def plain_round(
     conn: S3Connection, bucket: str, src: Path, dst: Path, tag: str
 ) -> tuple[float, float]:
@@ -138,17 +144,24 @@ def main() -> None:
                 f"SeaweedFS at {server.endpoint}; {os.cpu_count()} CPUs"
             )
             results: dict[str, list[tuple[float, float]]] = {"plain": [], "ours": []}
+            cpu: dict[str, list[float]] = {"plain": [], "ours": []}
+            assert server.proc is not None
+            server_pid = server.proc.pid
             for r in range(args.rounds):
                 # alternate the order so neither side always runs on a warmer server
                 order = ("plain", "ours") if r % 2 == 0 else ("ours", "plain")
                 for kind in order:
                     out = tmp_path / f"{kind}-{r}"
                     fn = plain_round if kind == "plain" else ours_round
+                    c0, s0 = time.process_time(), process_cpu_s(server_pid)
                     up, down = fn(conn, bucket, src, out, f"r{r}")
+                    used = time.process_time() - c0 + process_cpu_s(server_pid) - s0
                     results[kind].append((up, down))
+                    cpu[kind].append(used)
                     print(
                         f"  round {r + 1} {kind:5}: upload {total / MB / up:7.1f} MB/s, "
-                        f"download {total / MB / down:7.1f} MB/s"
+                        f"download {total / MB / down:7.1f} MB/s, "
+                        f"CPU (client + server) {used:5.1f} s"
                     )
                     shutil.rmtree(out, ignore_errors=True)
         finally:
@@ -161,12 +174,16 @@ def main() -> None:
         return 2 * total / MB / statistics.median(x[0] + x[1] for x in results[kind])
 
     print(f"median of {args.rounds} rounds ({total / MB:.0f} MB each way):")
-    print(f"{'':10}{'upload MB/s':>14}{'download MB/s':>16}{'round trip MB/s':>18}")
+    print(f"{'':10}{'upload MB/s':>14}{'download MB/s':>16}{'round trip MB/s':>18}{'CPU s':>8}")
     for kind in ("plain", "ours"):
-        print(f"{kind:10}{mbps(kind, 0):14.1f}{mbps(kind, 1):16.1f}{both(kind):18.1f}")
+        print(
+            f"{kind:10}{mbps(kind, 0):14.1f}{mbps(kind, 1):16.1f}{both(kind):18.1f}"
+            f"{statistics.median(cpu[kind]):8.1f}"
+        )
     print(
         f"{'ratio':10}{mbps('ours', 0) / mbps('plain', 0):13.2f}x"
         f"{mbps('ours', 1) / mbps('plain', 1):15.2f}x{both('ours') / both('plain'):17.2f}x"
+        f"{statistics.median(cpu['ours']) / statistics.median(cpu['plain']):7.2f}x"
     )
 
 
