@@ -250,6 +250,12 @@ def test_bare_answers_and_missing_answers() -> None:
     assert not grade_math("", "540")
     assert grade("no box, the answer is 3", "3") == Verdict(None, False)  # eval needs a box
     assert grade("3", "3", require_boxed=False) == Verdict("3", True)
+    assert grade_math("x = 5", "5") and grade_math("\\text{Evelyn}", "\\text{Evelyn}")
+    assert grade_math("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)")
+    # prose without a box is not an answer (GRPO rewards mean what eval accuracy means)
+    assert not grade_math("so x = 5", "5")
+    assert not grade_math("The answer is 5", "5")
+    assert not grade_math("5\nso 5", "5")
     assert grade("\\boxed{}", "3") == Verdict(None, False)
 
 

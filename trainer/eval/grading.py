@@ -253,7 +253,18 @@ def response_answer(
         return extract_choice(response, n_choices)
     if require_boxed or any(c in response for c in _BOX_COMMANDS):
         return extract_boxed(response) or None
-    return response.strip() or None
+    stripped = response.strip()
+    return stripped if looks_like_bare_answer(stripped) else None
+
+
+def looks_like_bare_answer(text: str) -> bool:
+    """An answer on its own (`540`, `x = 5`, `\\frac{1}{2}`, `\\text{east}`), not prose such
+    as "so x = 5": one line with no word of two or more letters outside LaTeX commands."""
+    if not text or "\n" in text or len(text) > 200:
+        return False
+    bare = re.sub(r"\\(?:text|textbf|mbox|mathrm|operatorname)\{[^{}]*\}", " ", text)
+    bare = re.sub(r"\\[A-Za-z]+", " ", bare)
+    return re.search(r"[A-Za-z]{2,}", bare) is None
 
 
 def grade(
@@ -284,8 +295,9 @@ def grade(
 
 
 def grade_math(response_or_answer: str, reference: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
-    """True when the response's last boxed answer (or, when it has no box, the whole text
-    as a bare answer) equals `reference`."""
+    """True when the response's last boxed answer equals `reference`. Text without a box
+    counts only when it is a bare answer (`looks_like_bare_answer`), never prose: a reward
+    of 1 means what a correct sample means in evaluation."""
     return grade(response_or_answer, reference, timeout=timeout, require_boxed=False).correct
 
 
