@@ -121,7 +121,8 @@ def run_local(
         stages = [s for s in stages if s.name in only]
     run_dir = _prepare_run_dir(job, fresh)
     console.print(
-        f"[bold]psft run[/] {job.metadata.name}: stages {' -> '.join(names)}; run folder {run_dir}"
+        f"[bold]psft run[/] {job.metadata.name}: stages {' -> '.join(names)}; run folder {run_dir}",
+        soft_wrap=True,
     )
     results: list[StageResult] = []
     for stage in stages:
@@ -165,4 +166,4 @@ def _print_outputs(console, job: PSFTJob, run_dir: Path, results: list[StageResu
     for label, key in where:
         local = run_dir / key
         if job.spec.storage.type == "s3" or local.exists():
-            console.print(f"  {label:18} {root}/{key}")
+            console.print(f"  {label:18} {root}/{key}", soft_wrap=True, highlight=False)
