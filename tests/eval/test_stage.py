@@ -164,6 +164,8 @@ def _fake_run(root: Path, records: list[dict[str, Any]], saved: list[int], final
         ({2: 1.5, 4: 1.2, 6: 1.1}, [2, 4], "best", ["final"]),  # the last step is the final model
         ({2: 0.9, 4: 1.2, 6: 1.1}, [4], "best", ["final"]),  # step 2 was pruned
         ({2: 1.5, 4: 1.2, 6: 1.1}, [2, 4], "all", ["step-2", "step-4", "final"]),
+        ({2: 1.5, 4: 1.2, 6: 1.1}, [2, 4, 6], "all", ["step-2", "step-4", "final"]),
+        ({2: 1.5, 6: 1.1}, [4, 6], "all", ["step-4", "final"]),  # step 2 was pruned
         ({}, [2, 4], "final", ["final"]),
     ],
 )
@@ -174,8 +176,9 @@ def test_checkpoint_selection(
     records = [{"step": s, "loss": 2.0} for s in range(1, 7)]
     records += [{"step": s, "val_loss": v} for s, v in val_losses.items()]
     _fake_run(run_root, records, saved, final=True)
-    config = make_config(make_job(checkpoints=which), run_root)
-    chosen = stage.select_checkpoints(LocalRunStore(run_root), config)
+    job = make_job(checkpoints=which)
+    job.spec.psft.save_every = 2
+    chosen = stage.select_checkpoints(LocalRunStore(run_root), make_config(job, run_root))
     assert [c.name for c in chosen] == expected
 
 

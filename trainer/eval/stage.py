@@ -81,8 +81,13 @@ def _final(store: Any, target: str) -> Checkpoint:
     return Checkpoint("final", key)
 
 
-def _saved_steps(store: Any, target: str, records: list[dict[str, Any]]) -> list[int]:
+def _saved_steps(
+    store: Any, target: str, records: list[dict[str, Any]], save_every: int
+) -> list[int]:
+    """Steps whose resumable checkpoint is still stored (pruning keeps only the newest)."""
     steps = sorted({r["step"] for r in records})
+    if target == "train" and steps:  # train saves every saveEvery steps and at the end
+        steps = [s for s in steps if (save_every and s % save_every == 0) or s == steps[-1]]
     return [s for s in steps if store.exists(layout.checkpoint(target, s))]
 
 
@@ -99,11 +104,14 @@ def select_checkpoints(store: Any, config: StageConfig) -> list[Checkpoint]:
         return [_final(store, target)]
     records = _read_metrics(store, target)
     if which == "all":
+        final = _final(store, target)
+        last = max((r["step"] for r in records), default=None)
         saved = [
             Checkpoint(f"step-{s}", layout.checkpoint(target, s), step=s)
-            for s in _saved_steps(store, target, records)
+            for s in _saved_steps(store, target, records, config.job.spec.psft.save_every)
+            if s != last  # the last step's checkpoint holds the final model
         ]
-        return [*saved, _final(store, target)]
+        return [*saved, Checkpoint(final.name, final.key, step=last)]
     # best by validation loss
     validated = {
         r["step"]: float(r["val_loss"])
