@@ -156,3 +156,19 @@ def test_no_rollout_engine_in_the_verl_config(runs):
     assert "rollout" not in config and "actor_rollout_ref" not in config
     assert config["engine"]["strategy"] == "fsdp2"
     assert config["psft"]["mini_batch_size"] == 4
+
+
+def test_a_restarted_run_resumes_from_verls_checkpoint(runs, tiny_model_dir):
+    """Runs last: asks the finished verl run for one more step. It must resume from the
+    step-3 checkpoint in the run's storage (not start over) and log step 4 only once."""
+    from psft.trainer import train
+
+    root = runs["verl"]
+    job = make_job(tiny_model_dir, root.parent / "train.jsonl", "verl")
+    job.spec.psft.max_steps = STEPS + 1
+    before = records(root)
+    train.run(stage(job, "train", root))
+    after = records(root)
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert after[:3] == before
+    assert (root / "train/verl/checkpoints/global_step_4").is_dir()

@@ -102,12 +102,18 @@ def run(config: StageConfig) -> None:
     if train_rows is None:
         raise UserError(f"{layout.DATA_TRAIN}: no training rows after preparation")
 
+    # verl's resumable checkpoints (sharded model, optimizer, data position) live in the
+    # run's storage too, so a restarted pod resumes where the last one stopped
+    checkpoints_key = f"{stage}/verl/checkpoints"
+    if store.exists(checkpoints_key):
+        store.pull(checkpoints_key)
+
     nproc = _nproc(config, device)
     inputs = VerlInputs(
         model_path=str(_model_path(config)),
         train_files=[str(train_rows)],
         val_files=val_files,
-        checkpoint_dir=str(work / "checkpoints"),
+        checkpoint_dir=str(store.local_path(checkpoints_key)),
         device=device,
         nproc_per_node=nproc,
     )
@@ -132,6 +138,8 @@ def run(config: StageConfig) -> None:
             str(final_dir),
             "--metrics",
             str(metrics),
+            "--checkpoints-key",
+            checkpoints_key,
         ],
     )
     env = prepare_environment(device, dict(os.environ))

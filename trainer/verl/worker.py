@@ -18,6 +18,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--verl-config", required=True)
     p.add_argument("--final-dir", required=True)
     p.add_argument("--metrics", required=True, help="metrics.jsonl written by rank 0")
+    p.add_argument("--checkpoints-key", required=True, help="run-store key of verl's checkpoints")
     return p.parse_args(argv)
 
 
@@ -51,18 +52,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     auto_set_device(config)
     rank = dist.get_rank()
-    telemetry = None
+    telemetry = store = None
     if rank == 0:
         from pathlib import Path
 
+        from psft.trainer.storage import open_run_store
         from psft.trainer.telemetry import Telemetry
         from psft.workflows.stages import read_stage_config
 
         stage_config = read_stage_config(args.stage_config)
-        telemetry = Telemetry(stage_config, Path(args.metrics))
+        store = open_run_store(stage_config)
+        telemetry = Telemetry(stage_config, Path(args.metrics), store=store)
         telemetry.open()
+
+    def publish_checkpoint(step: int, _folder: str) -> None:
+        dist.barrier()  # every rank has written its shard
+        if store is not None:
+            store.push(args.checkpoints_key)
+
     try:
-        trainer = PSFTTrainer(config, on_step=telemetry.log if telemetry else None)
+        trainer = PSFTTrainer(
+            config,
+            on_step=telemetry.log if telemetry else None,
+            on_checkpoint=publish_checkpoint,
+        )
         if trainer.resume_global_step and telemetry is not None:
             telemetry.rewind(trainer.resume_global_step)
         trainer.fit()
