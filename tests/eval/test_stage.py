@@ -233,3 +233,31 @@ def test_psft_evaluate_bad_input_is_one_clear_line(
     assert "Traceback" not in err
     assert main(["evaluate", str(tmp_path), "--benchmarks", "aime24", "--samples", "0"]) == 2
     assert "samples" in capsys.readouterr().err
+
+
+@pytest.mark.integration  # serves /metrics on 127.0.0.1 while the stage runs
+def test_scores_are_exported_as_prometheus_gauges(
+    trained_run: Path, make_job: Callable[..., Any], make_config: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from prometheus_client import generate_latest
+
+    from psft.trainer import telemetry
+
+    opened: list[Any] = []
+
+    class Recording(telemetry.Telemetry):
+        def open(self) -> None:
+            super().open()
+            opened.append(self)
+
+    monkeypatch.setattr(telemetry, "Telemetry", Recording)
+    job = make_job(benchmarks=["aime24", "amc23"], samples=2, limit=1)
+    job.spec.monitoring.enabled = True
+    stage.run(make_config(job, trained_run))
+    (tm,) = opened
+    text = generate_latest(tm.registry).decode()
+    for bench in ("aime24", "amc23"):
+        labels = f'benchmark="{bench}",job="evaltest",k="2",namespace="default",stage="eval"'
+        assert f"psft_eval_accuracy{{{labels}}} 0.0" in text
+        assert f"psft_eval_pass_at_k{{{labels}}} 0.0" in text
