@@ -244,3 +244,14 @@ def test_precision_is_mixed_on_cuda_and_literal_on_cpu() -> None:
     cpu = resolve_precision("auto", "cpu")
     assert cpu.param_dtype == torch.float32 and cpu.autocast_dtype is None
     assert resolve_precision("bfloat16", "cpu").param_dtype == torch.bfloat16
+
+
+def test_engine_selection(make_config) -> None:
+    from psft.trainer.train import select_engine
+
+    assert select_engine(make_config(["x.jsonl"], kind="train")) == "native"
+    many = make_config(["x.jsonl"], kind="train", resources={"gpusPerNode": 4, "device": "auto"})
+    assert select_engine(many) == "verl"
+    forced = make_config(["x.jsonl"], kind="train", psft={"engine": "native"},
+                         resources={"gpusPerNode": 4, "device": "auto"})  # fmt: skip
+    assert select_engine(forced) == "native"
