@@ -75,9 +75,10 @@ def test_scraped_entropy_matches_metrics_jsonl(prometheus_stack, job_config, tmp
     assert scraped == logged
 
     # the stored series holds exactly the logged values, in order
+    live = sel.replace("}", f',instance="{target}"}}')  # not the copy pushed on close
     series = prometheus_stack.api(
         "query_range",
-        query=f"psft_train_entropy{sel}",
+        query=f"psft_train_entropy{live}",
         start=start - 1,
         end=time.time() + 1,
         step="0.5",
