@@ -58,7 +58,7 @@ def test_all_and_best_checkpoints_of_a_real_training(tiny_model_dir: Path, tmp_p
     assert main(["eval", "--config", str(_config(job, root, "eval", target="train"))]) == 0
     summary = json.loads((root / "eval" / "summary.json").read_text())
     assert summary["checkpoints"] == ["step-2", "final"]  # step 4 is the final model
-    assert [(r["checkpoint"], r["step"]) for r in summary["results"]] == [
+    assert [(r["checkpoint"], r["checkpoint_step"]) for r in summary["results"]] == [
         ("step-2", 2), ("final", 4)
     ]  # fmt: skip
     assert (root / "eval" / "step-2" / "sums.jsonl").is_file()
@@ -72,6 +72,8 @@ def test_all_and_best_checkpoints_of_a_real_training(tiny_model_dir: Path, tmp_p
     job.spec.eval.checkpoints = "best"
     assert main(["eval", "--config", str(_config(job, root, "eval", target="train"))]) == 0
     summary = json.loads((root / "eval" / "summary.json").read_text())
+    metrics = (root / "eval" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 1  # the rerun replaced the first run's rows
     best = min(val, key=lambda s: val[s])
     assert summary["checkpoints"] == ["step-2" if best == 2 else "final"]
 

@@ -304,6 +304,8 @@ def run(config: StageConfig) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     metrics_path = store.local_path(f"{out_dir}/metrics.jsonl")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text("")  # a rerun replaces the rows (and the published copy on close)
     with (
         GradingPool(timeout=ev.grading_timeout) as pool,
         Telemetry(config, metrics_path, store=store) as telemetry,
@@ -320,7 +322,7 @@ def run(config: StageConfig) -> dict[str, Any]:
                     records, row = evaluate_benchmark(
                         backend, tokenizer, benchmark, config, pool, log
                     )
-                    row = {"checkpoint": ckpt.name, "step": ckpt.step, **row}
+                    row = {"checkpoint": ckpt.name, "checkpoint_step": ckpt.step, **row}
                     key = f"{out_dir}/{ckpt.name}/{_file_name(benchmark.name)}.jsonl"
                     _write_jsonl(store.local_path(key), records)
                     store.push(key)
