@@ -255,3 +255,11 @@ def test_engine_selection(make_config) -> None:
     forced = make_config(["x.jsonl"], kind="train", psft={"engine": "native"},
                          resources={"gpusPerNode": 4, "device": "auto"})  # fmt: skip
     assert select_engine(forced) == "native"
+
+
+def test_train_without_prepared_data_is_a_clear_error(make_config, tmp_path, capsys) -> None:
+    config_path = tmp_path / "train.json"
+    config_path.write_text(make_config(["x.jsonl"], kind="train").dump())
+    assert cli_main(["train", "--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert "data/train.parquet is missing" in err and "Traceback" not in err
