@@ -55,12 +55,17 @@ def disconnect(**_: Any) -> None:
 @kopf.on.resume(*JOBS, registry=REGISTRY)
 @kopf.on.create(*JOBS, registry=REGISTRY)
 @kopf.on.update(*JOBS, registry=REGISTRY)
-def reconcile_job(body: kopf.Body, reason: str | None, logger: logging.Logger, **_: Any) -> None:
+def reconcile_job(
+    body: kopf.Body, reason: str | None, diff: kopf.Diff, logger: logging.Logger, **_: Any
+) -> None:
     """Validate, create/adopt/restart the Workflow, suspend/resume it, update status."""
     started = time.perf_counter()
     result = "error"
     try:
-        result = reconcile.reconcile_job(_plain(body), logger, reason=reason)
+        changed = any(
+            path[:1] == ("spec",) and path[:2] != ("spec", "suspend") for _, path, _, _ in diff
+        )
+        result = reconcile.reconcile_job(_plain(body), logger, reason, spec_changed=changed)
     except kopf.TemporaryError:
         result = "retry"
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Sequence
@@ -67,7 +68,8 @@ async def operate(
 
 def run_operator(args: argparse.Namespace) -> int:
     """Entry point of `psft operator` (see workflows/cli.py for the flags)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    level = os.environ.get("PSFT_LOG_LEVEL", "INFO").upper()  # DEBUG shows kopf's API calls
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     where = scope(args.namespace, args.all_namespaces)
     peers = peering(args.peering, args.standalone)
     metrics.serve(args.metrics_port)

@@ -27,6 +27,7 @@ from psft.workflows.validate import InvalidJob, validate_job
 Obj = dict[str, Any]
 
 SPEC_HASH = argo.SPEC_HASH_ANNOTATION
+_DONE = {"Succeeded", "Failed"}  # terminal PSFTJob phases
 _FINISHED = {"Succeeded", "Failed", "Error"}
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
@@ -106,11 +107,15 @@ def refused_change(job: PSFTJob | None, workflow: Obj | None) -> str | None:
     )
 
 
-def reconcile_job(body: Obj, logger: Any, reason: str | None = None) -> str:
+def reconcile_job(
+    body: Obj, logger: Any, reason: str | None = None, spec_changed: bool = False
+) -> str:
     """Bring the job's Workflow in line with its spec; returns ok | invalid.
 
     `reason` is kopf's cause (create, update, resume): a job seen for the first time goes
     straight to creating its Workflow (409 -> adopt); otherwise the Workflow is read first.
+    A finished job whose Workflow is gone (ttlSecondsAfterFinished) is not run again, unless
+    its spec changed (`spec_changed`) and restartPolicy is OnSpecChange.
     """
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -145,6 +150,14 @@ def reconcile_job(body: Obj, logger: Any, reason: str | None = None) -> str:
         else:
             sync_status(namespace, name)
             return "ok"
+
+    finished_before = (body.get("status") or {}).get("phase") in _DONE
+    if workflow is None and finished_before and reason != "create":
+        if not (spec_changed and job.spec.restart_policy == "OnSpecChange"):
+            sync_status(namespace, name, job_seen=body)
+            return "ok"
+        message = "spec changed after the job finished: running it again (OnSpecChange)"
+        kopf.event(body, type="Normal", reason="Restarting", message=message)
 
     if workflow is None:
         workflow = _create_or_adopt(body, desired, logger)

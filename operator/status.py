@@ -213,6 +213,14 @@ def desired_status(
     if seen.workflow_name:
         status["workflowName"] = seen.workflow_name
 
+    if workflow is None and previous.get("phase") in ("Succeeded", "Failed"):
+        # finished, and its Workflow was removed (ttlSecondsAfterFinished): keep the record
+        kept = {**previous, "observedGeneration": generation}
+        kept["conditions"] = [c for c in conditions if c["type"] == "Valid"] + [
+            c for c in previous.get("conditions") or [] if c.get("type") != "Valid"
+        ]
+        return _checked(kept)
+
     if workflow is None:
         if seen.create_error:
             conditions.append(cond("WorkflowCreated", "False", "CreateFailed", seen.create_error))

@@ -10,12 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # kube_emulator, operator_harness
 
+from harness import NS
 from kube_emulator import EmulatorThread
 
 
 @pytest.fixture
 def emulator() -> Iterator[EmulatorThread]:
     with EmulatorThread() as emu:
+        emu.create_namespace(NS)  # the operator's namespace exists before it starts
         yield emu
 
 

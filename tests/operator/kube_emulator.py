@@ -705,6 +705,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.faults.append(fault)
         return fault
 
+    def create_namespace(self, name: str) -> None:
+        self._create_namespace(name)
+
     def list(self, resource: str, namespace: str | None = None) -> list[Obj]:
         rt = self._resource_type(kmock.resource(resource))
         return copy.deepcopy(self._matching(rt, namespace, {}))
@@ -779,6 +782,10 @@ class EmulatorThread:
     def fail(self, code: int, **kwargs: Any) -> Fault:
         assert self.emulator is not None
         return self.call(self.emulator.fail, code, **kwargs)
+
+    def create_namespace(self, name: str) -> None:
+        assert self.emulator is not None
+        self.call(self.emulator.create_namespace, name)
 
     def list(self, resource: str, namespace: str | None = None) -> list[Obj]:
         assert self.emulator is not None

@@ -42,7 +42,7 @@ def test_conflicting_scope_is_a_user_error(capsys):
 @pytest.mark.integration
 def test_psft_operator_process(kubeconfig, api):
     metrics_port, health_port = _free_port(), _free_port()
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PSFT_LOG_LEVEL": "DEBUG"}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     argv = [sys.executable, "-m", "psft.workflows.cli", "operator", "--namespace", NS]
     argv += ["--standalone", "--metrics-port", str(metrics_port)]

@@ -521,3 +521,37 @@ def test_peering_one_active_replica_and_takeover(cluster: Cluster, emulator, sta
     assert len(cluster.workflows()) == 2
     used = _operator_calls(emulator)
     assert used - _allowed_calls() == set()  # peering is in the rules
+
+
+def test_finished_job_is_not_rerun_after_ttl_removes_its_workflow(
+    cluster: Cluster, emulator, start_operator
+):
+    first = start_operator()
+    cluster.create_job(job_manifest("ttl", ttlSecondsAfterFinished={"success": 60}))
+    wf_name = _wf_name("ttl")
+    wf = wait_for(lambda: cluster.workflow(wf_name))
+    assert wf["spec"]["ttlStrategy"] == {"secondsAfterSuccess": 60}
+    done = nodes(node(wf_name, "report", "Succeeded", finishedAt="2026-01-01T02:00:00Z"))
+    cluster.set_workflow_status(wf_name, {"phase": "Succeeded", "nodes": done})
+    cluster.wait_phase("ttl", "Succeeded")
+
+    # Argo's TTL controller deletes the Workflow; the job keeps its record
+    cluster.objects.delete_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", NS, "workflows", wf_name
+    )
+    time.sleep(0.5)
+    status = cluster.status("ttl")
+    assert status["phase"] == "Succeeded" and status["stages"]["report"]["phase"] == "Succeeded"
+
+    # an operator restart resumes the job: it must not run it again
+    first.stop()
+    start_operator()
+    time.sleep(1.5)
+    assert cluster.workflows() == []
+    assert len(cluster.workflow_creates(emulator)) == 1
+    assert cluster.status("ttl")["phase"] == "Succeeded"
+
+    # a spec change after it finished, with restartPolicy OnSpecChange: it runs again
+    cluster.patch_job("ttl", {"spec": {"restartPolicy": "OnSpecChange", "psft": {"seed": 7}}})
+    wait_for(lambda: cluster.workflow(wf_name), what="the rerun's Workflow")
+    cluster.wait_phase("ttl", "Pending")

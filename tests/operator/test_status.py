@@ -201,3 +201,14 @@ def test_status_patch_is_a_minimal_merge_patch():
         "stage": "eval",
     }
     assert status_patch(desired, desired) == {}
+
+
+def test_finished_record_is_kept_when_the_workflow_is_gone():
+    body = _body()
+    done = _workflow({"phase": "Succeeded", "nodes": nodes(node(WF, "report", "Succeeded"))})
+    body["status"] = _status(body, done)
+    body["metadata"]["generation"] = 4
+    kept = _status(body, None, now="2026-02-01T00:00:00Z")
+    assert kept["phase"] == "Succeeded" and kept["stages"] == body["status"]["stages"]
+    assert kept["observedGeneration"] == 4
+    assert _conditions(kept)["Succeeded"] == ("True", "WorkflowSucceeded")
