@@ -40,3 +40,13 @@ def api(kubeconfig: Path):
     client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
     yield client
     client.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # kmock 0.8 reads its bundled discovery data with a deprecated importlib call
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).parent == here:
+            item.add_marker(
+                pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")
+            )
