@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-EXTRAS ?= train,operator,dev
+EXTRAS ?= train,operator,dev,verl
 JOB ?= examples/quickstart.yaml
 
 .PHONY: run test lint format unit integration venv clean

@@ -8,8 +8,8 @@ policy to layout.final_model("grpo").
 
 Rollout backends: `trl` / `hf` run TRL's GRPOTrainer with transformers generation (CPU
 or one GPU; see trl_backend for why not verl's hf rollout); `vllm` is verl GRPO with a
-vLLM rollout on GPU clusters, started by the trainer image. `auto` picks vllm when vLLM
-and a GPU are present, else trl.
+vLLM rollout on GPUs (verl_backend; the trainer image has vLLM). `auto` picks vllm when
+vLLM and a GPU are present, else trl.
 """
 
 from __future__ import annotations
@@ -67,11 +67,6 @@ def run(config: StageConfig) -> None:
         cuda=torch.cuda.is_available(),
         vllm=importlib.util.find_spec("vllm") is not None,
     )
-    if backend == "vllm":
-        raise UserError(
-            "spec.grpo.rollout: the vLLM rollout runs verl GRPO in the GPU trainer image; "
-            "this installation has no such launcher yet: use rollout 'trl'"
-        )
     device = resolve_device(job.spec.resources.device)
     source_key = layout.final_model(SOURCE_STAGE)
     if not store.exists(source_key):
@@ -85,15 +80,23 @@ def run(config: StageConfig) -> None:
     work_dir = store.work_dir / stage / "trl"
     metrics_path = store.local_path(layout.metrics(stage))
 
-    from psft.trainer.grpo import trl_backend
-
     with Telemetry(config, metrics_path) as telemetry:
         telemetry.rewind(0)  # GRPO restarts from the PSFT model: drop an earlier attempt
-        steps = trl_backend.train(
-            job, rows, model_dir, out_dir, work_dir, device, log=telemetry.log
-        )
+        if backend == "vllm":
+            from psft.trainer.grpo import verl_backend
+
+            records = verl_backend.train(job, rows, model_dir, out_dir, store.work_dir / stage)
+            for record in records:
+                telemetry.log(record)
+            steps = len(records)
+        else:
+            from psft.trainer.grpo import trl_backend
+
+            steps = trl_backend.train(
+                job, rows, model_dir, out_dir, work_dir, device, log=telemetry.log
+            )
     store.push(out_key)
-    summary = {"backend": "trl", "steps": steps, "prompts": len(rows), "source": source_key}
+    summary = {"backend": backend, "steps": steps, "prompts": len(rows), "source": source_key}
     summary_path = store.local_path(layout.stage_summary(stage))
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2))
