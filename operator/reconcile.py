@@ -190,6 +190,10 @@ def _create_or_adopt(body: Obj, desired: Obj, logger: Any) -> Obj:
             with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
                 existing = kube.get_workflow(namespace, wf_name)
             owner = owner_of(existing or {})
+            if existing is not None and existing["metadata"].get("deletionTimestamp"):
+                raise kopf.TemporaryError(
+                    f"waiting for the previous Workflow {wf_name} to be deleted", delay=2
+                ) from None
             if existing is None or owner is None or owner[1] != body["metadata"]["uid"]:
                 raise kopf.TemporaryError(
                     f"Workflow {wf_name} exists but is not ours (yet): retrying", delay=5

@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import NS, Cluster, job_manifest, node, nodes, wait_for
+from harness import NS, WG, WP, WV, Cluster, job_manifest, node, nodes, wait_for
 from kube_emulator import EmulatorThread
 from prometheus_client import generate_latest
 
@@ -555,3 +555,25 @@ def test_finished_job_is_not_rerun_after_ttl_removes_its_workflow(
     cluster.patch_job("ttl", {"spec": {"restartPolicy": "OnSpecChange", "psft": {"seed": 7}}})
     wait_for(lambda: cluster.workflow(wf_name), what="the rerun's Workflow")
     cluster.wait_phase("ttl", "Pending")
+
+
+def test_restart_waits_for_the_old_workflow_to_be_deleted(cluster: Cluster, operator):
+    cluster.create_job(job_manifest("slow", restartPolicy="OnSpecChange"))
+    wf_name = _wf_name("slow")
+    old = wait_for(lambda: cluster.workflow(wf_name))
+    # something (e.g. Argo's artifact GC) holds the old Workflow with a finalizer
+    held = {"metadata": {"finalizers": ["example.com/hold"]}}
+    cluster.objects.patch_namespaced_custom_object(WG, WV, NS, WP, wf_name, held)
+    cluster.patch_job("slow", {"spec": {"psft": {"seed": 1}}})
+    wait_for(lambda: cluster.workflow(wf_name)["metadata"].get("deletionTimestamp"))
+    time.sleep(1)
+    dying = cluster.workflow(wf_name)
+    assert dying["metadata"]["uid"] == old["metadata"]["uid"]  # not adopted, not replaced
+    release = {"metadata": {"finalizers": None}}
+    cluster.objects.patch_namespaced_custom_object(WG, WV, NS, WP, wf_name, release)
+    new = wait_for(
+        lambda: (w := cluster.workflow(wf_name))["metadata"]["uid"] != old["metadata"]["uid"] and w,
+        what="the new Workflow",
+    )
+    assert not new["metadata"].get("deletionTimestamp")
+    assert new["metadata"]["annotations"] != old["metadata"]["annotations"]
