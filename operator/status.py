@@ -246,7 +246,9 @@ def desired_status(
     nodes = stage_nodes(workflow, stages)
     stage_status: dict[str, dict[str, Any]] = {}
     current: str | None = None
-    metrics: dict[str, Any] | None = previous.get("metrics")
+    # metrics of an earlier run (a restart recreates the Workflow) are not carried over
+    same_run = previous.get("startedAt") in (None, wf_status.get("startedAt"))
+    metrics: dict[str, Any] | None = previous.get("metrics") if same_run else None
     eval_results: dict[str, Any] = {}
     for stage in stages:
         node = nodes.get(stage.name)

@@ -212,3 +212,14 @@ def test_finished_record_is_kept_when_the_workflow_is_gone():
     assert kept["phase"] == "Succeeded" and kept["stages"] == body["status"]["stages"]
     assert kept["observedGeneration"] == 4
     assert _conditions(kept)["Succeeded"] == ("True", "WorkflowSucceeded")
+
+
+def test_a_new_run_does_not_inherit_old_metrics():
+    body = _body()
+    body["status"] = {"startedAt": "2026-01-01T00:00:00Z", "metrics": {"stage": "train", "step": 9}}
+    rerun = _workflow({"phase": "Running", "startedAt": "2026-03-01T00:00:00Z"})
+    assert "metrics" not in _status(body, rerun)
+    fresh = _workflow({})
+    assert "metrics" not in _status(body, fresh)
+    same = _workflow({"phase": "Running", "startedAt": "2026-01-01T00:00:00Z"})
+    assert _status(body, same)["metrics"] == {"stage": "train", "step": 9}
