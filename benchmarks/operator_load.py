@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 
 import kubernetes  # noqa: E402
-from harness import job_manifest  # noqa: E402
 from kube_emulator import EmulatorThread, Key, KubeEmulator, Obj  # noqa: E402
+from operator_harness import job_manifest  # noqa: E402
 
 NS = "bench"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # kube_emulator, operator_harness
+sys.path.insert(0, str(Path(__file__).parent))  # kube_emulator, operator_harness (tests/operator helpers)
 
-from harness import NS
 from kube_emulator import EmulatorThread
+from operator_harness import NS
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 
 import pytest
-from harness import NS, Cluster, job_manifest, wait_for
+from operator_harness import NS, Cluster, job_manifest, wait_for
 
 from psft.operator.main import peering, scope
 from psft.workflows.cli import main as psft_main

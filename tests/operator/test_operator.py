@@ -10,8 +10,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import NS, WG, WP, WV, Cluster, job_manifest, node, nodes, wait_for
 from kube_emulator import EmulatorThread
+from operator_harness import NS, WG, WP, WV, Cluster, job_manifest, node, nodes, wait_for
 from prometheus_client import generate_latest
 
 from psft.operator import metrics

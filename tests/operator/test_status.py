@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import job_manifest, node, nodes
+from operator_harness import job_manifest, node, nodes
 
 from psft.operator.reconcile import spec_hash, validate
 from psft.operator.status import Observation, desired_status, stage_nodes, status_patch
