@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # kube_emulator, operator_harness (tests/operator helpers)
+sys.path.insert(
+    0, str(Path(__file__).parent)
+)  # kube_emulator, operator_harness (tests/operator helpers)
 
 from kube_emulator import EmulatorThread
 from operator_harness import NS

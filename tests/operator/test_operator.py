@@ -577,3 +577,17 @@ def test_restart_waits_for_the_old_workflow_to_be_deleted(cluster: Cluster, oper
     )
     assert not new["metadata"].get("deletionTimestamp")
     assert new["metadata"]["annotations"] != old["metadata"]["annotations"]
+
+
+def test_cluster_wide_scope(cluster: Cluster, start_operator):
+    start_operator(namespaces=[], clusterwide=True)
+    manifest = job_manifest("anywhere")
+    cluster.objects.create_namespaced_custom_object(
+        "psft.dev", "v1alpha1", "team-b", "psftjobs", manifest
+    )
+    wait_for(
+        lambda: cluster.objects.get_namespaced_custom_object(
+            WG, WV, "team-b", WP, _wf_name("anywhere")
+        ),
+        what="the Workflow in another namespace",
+    )
