@@ -149,6 +149,15 @@ def test_exported_models_match(runs):
     assert (runs["verl"] / "train/final/tokenizer.json").is_file()
 
 
+def test_summary(runs):
+    summary = json.loads((runs["verl"] / "train/summary.json").read_text())
+    native = json.loads((runs["native"] / "train/summary.json").read_text())
+    assert summary["engine"] == "verl"
+    assert summary["steps"] == native["steps"] == STEPS
+    assert summary["tokens"] == native["tokens"]
+    assert summary["final_model"] == native["final_model"] == "train/final"
+
+
 def test_no_rollout_engine_in_the_verl_config(runs):
     import yaml
 

@@ -9,10 +9,12 @@ On several nodes the operator runs the same worker as a Ray job.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from psft.workflows import layout
@@ -143,6 +145,7 @@ def run(config: StageConfig) -> None:
         ],
     )
     env = prepare_environment(device, dict(os.environ))
+    started = time.monotonic()
     result = subprocess.run(argv, env=env, check=False)
     if result.returncode != 0:
         raise UserError(
@@ -150,6 +153,38 @@ def run(config: StageConfig) -> None:
             f"verl config: {config_path}"
         )
     store.push(final_key)
+    write_summary(config, store, device, nproc, time.monotonic() - started)
+
+
+def write_summary(config: StageConfig, store, device: str, nproc: int, wall_s: float) -> dict:
+    """train/summary.json, with the native engine's keys where they apply."""
+    stage = config.stage
+    lines = store.local_path(layout.metrics(stage)).read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    last = records[-1] if records else {}
+    summary = {
+        "stage": stage,
+        "engine": "verl",
+        "objective": config.job.spec.psft.objective,
+        "model": config.job.spec.model.source,
+        "device": device,
+        "processes": nproc,
+        "steps": last.get("step", 0),
+        "total_steps": last.get("total_steps", 0),
+        "tokens": last.get("tokens", 0),
+        "wall_time_s": round(wall_s, 3),
+        "final": {k: v for k, v in last.items() if isinstance(v, int | float)},
+        "final_model": layout.final_model(stage),
+    }
+    path = store.local_path(layout.stage_summary(stage))
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    store.push(layout.stage_summary(stage))
+    print(
+        f"train ({summary['objective']}, verl): {summary['steps']} steps, "
+        f"{summary['tokens']} response tokens, {wall_s:.1f} s",
+        flush=True,
+    )
+    return summary
 
 
 def _model_path(config: StageConfig) -> Path:
