@@ -36,6 +36,10 @@ def _status(body: dict, workflow: dict | None, now: str = "2026-01-01T00:00:00Z"
     return desired_status(body, job, stages, workflow, observation, now)
 
 
+def _outputs(name: str, value: object) -> dict:
+    return {"parameters": [{"name": name, "value": json.dumps(value)}]}
+
+
 def _conditions(status: dict) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 
@@ -223,3 +227,36 @@ def test_a_new_run_does_not_inherit_old_metrics():
     assert "metrics" not in _status(body, fresh)
     same = _workflow({"phase": "Running", "startedAt": "2026-01-01T00:00:00Z"})
     assert _status(body, same)["metrics"] == {"stage": "train", "step": 9}
+
+
+def test_statuses_fit_the_crd_status_schema():
+    """What the API server would check (and prune) on a status write."""
+    import jsonschema
+
+    from psft.workflows.crd import build_crd, to_json_schema
+
+    version = build_crd()["spec"]["versions"][0]
+    schema = to_json_schema(version["schema"]["openAPIV3Schema"]["properties"]["status"])
+    body = _body(grpo={"enabled": True, "prompts": ["s3://data/p.jsonl"]})
+    record = {"step": 3, "total_steps": 9, "entropy": 0.4, "learning_rate": 1e-6}
+    evals = {"aime24": {"avg_at_k": 0.2, "pass_at_k": 0.5, "k": 4, "problems": 30}}
+    wf = _workflow(
+        {
+            "phase": "Failed",
+            "startedAt": "2026-01-01T00:00:00Z",
+            "finishedAt": "2026-01-01T01:00:00Z",
+            "nodes": nodes(
+                node(WF, "train", "Succeeded", "9/9", outputs=_outputs("metrics", record)),
+                node(WF, "eval", "Succeeded", outputs=_outputs("eval-results", evals)),
+                node(WF, "grpo", "Failed", "3/50", message="exit code 1"),
+            ),
+        }
+    )
+    statuses = [
+        _status(body, None),
+        _status(body, wf),
+        _status(_body(psft={"batchSize": 3, "miniBatchSize": 2}), None),
+        _status(body, _workflow({"phase": "Running"}), refused_change="changed"),
+    ]
+    for status in statuses:
+        jsonschema.validate(status, schema)
