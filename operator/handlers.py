@@ -30,9 +30,9 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
-    # kopf keeps one worker per object; a capped pool would make jobs beyond the cap wait
-    # for idle workers to time out (seconds each), so the pool stays unbounded (default)
-    settings.execution.max_workers = 16
+    # settings.queueing.worker_limit stays unbounded (kopf's default): with a cap, jobs
+    # beyond it wait for other objects' workers to idle out (5 s each) - measured under load
+    settings.execution.max_workers = 16  # threads running the (blocking) handlers
     return settings
 
 
