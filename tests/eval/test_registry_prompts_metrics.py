@@ -272,3 +272,18 @@ def test_summarize() -> None:
     assert scores["no_answer_fraction"] == pytest.approx(1 / 8)
     with pytest.raises(ValueError):
         summarize([[_s("1", True)], [_s("1", True), _s("2", False)]])
+
+
+def test_custom_file_from_s3_goes_through_fetch(tmp_path: Path) -> None:
+    local = _write_jsonl(tmp_path / "remote.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    fetched: list[str] = []
+
+    def fetch(uri: str) -> Path:
+        fetched.append(uri)
+        return local
+
+    spec = CustomBenchmark(name="remote", path="s3://bucket/eval/remote.jsonl")
+    bench = load_benchmark(spec, fetch=fetch)
+    assert fetched == ["s3://bucket/eval/remote.jsonl"]
+    assert bench.problems == [Problem("remote-0", "1+1?", "2")]
+    assert bench.source == "s3://bucket/eval/remote.jsonl"
