@@ -200,3 +200,22 @@ def test_batch_arithmetic_is_checked_before_launch():
         build_config(make_job(miniBatchSize=12), INPUTS)
     with pytest.raises(UserError, match=r"^spec\.psft\.batchSize: .*multiples of .*\(4\)"):
         build_config(make_job(batchSize=6, miniBatchSize=6), INPUTS)
+
+
+def test_launcher_refuses_several_nodes(tmp_path):
+    from psft.trainer.verl.launch import _nproc
+    from psft.workflows.stages import StageConfig
+
+    job = make_job()
+    job.spec.resources.nodes = 2
+    config = StageConfig(stage="train", kind="train", job=job, run_root=str(tmp_path))
+    with pytest.raises(UserError, match=r"^spec\.resources\.nodes: 2 nodes; this launcher"):
+        _nproc(config, "cuda")
+
+
+def test_torchrun_argv_is_a_list_of_arguments():
+    from psft.trainer.verl.launch import torchrun_argv
+
+    argv = torchrun_argv(4, 29500, ["--verl-config", "/a b/verl.yaml"])
+    assert argv[1:4] == ["-m", "torch.distributed.run", "--nnodes=1"]
+    assert "--nproc-per-node=4" in argv and argv[-2:] == ["--verl-config", "/a b/verl.yaml"]

@@ -52,6 +52,12 @@ def _device(config: StageConfig) -> str:
 
 
 def _nproc(config: StageConfig, device: str) -> int:
+    nodes = config.job.spec.resources.nodes
+    if nodes > 1:
+        raise UserError(
+            f"spec.resources.nodes: {nodes} nodes; this launcher runs verl on one node "
+            "(torchrun). Several nodes need a Ray cluster (KubeRay RayJob)"
+        )
     if device == "cpu":
         return 1
     import torch
