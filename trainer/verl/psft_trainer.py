@@ -30,8 +30,6 @@ from verl.utils import tensordict_utils as tu
 from psft.trainer.loss import AggMode, PolicyStats, policy_loss, sft_loss
 
 STAT_KEYS = ("tokens", "clipped", "ratio_sum", "ratio_max", "kl_sum")
-SUM_KEYS = ("nll_sum", "seq_tokens")
-"""Per micro-batch sums beyond PolicyStats: NLL of the response tokens, all tokens."""
 
 
 @dataclass(frozen=True)
@@ -317,7 +315,7 @@ class PSFTTrainer(SFTTrainer):
             "pad_token_id": self.model_config.tokenizer.pad_token_id,
         }
 
-    def _old_logprobs(self, data: TensorDict) -> float | None:
+    def _old_logprobs(self, data: TensorDict) -> float:
         """No-grad forward of the whole batch: stores old_log_probs, returns the entropy
         (token mean over response tokens, all data-parallel ranks)."""
         infer = data.clone()
