@@ -159,7 +159,8 @@ class StandInVLLM(types.ModuleType):
 
             def generate(self, prompts: Any, sampling_params: Any, **kwargs: Any) -> list[Any]:
                 module.generate_calls.append((prompts, sampling_params, kwargs))
-                n = sampling_params.kwargs["n"]
+                per_prompt = sampling_params if isinstance(sampling_params, list) else None
+                n = (per_prompt or [sampling_params])[0].kwargs["n"]
                 return [
                     types.SimpleNamespace(
                         prompt_token_ids=p["prompt_token_ids"],
@@ -219,6 +220,19 @@ def test_vllm_adapter_passes_exactly_these_arguments() -> None:
     ]
     greedy = backend.sampling_params(SamplingConfig(1, 0.0, 0.95, 8, 0))
     assert greedy.kwargs["top_p"] == 1.0 and greedy.kwargs["temperature"] == 0.0
+
+
+def test_vllm_budget_stays_within_the_context_length() -> None:
+    vllm = StandInVLLM()
+    backend = VLLMBackend("/m", context_length=10, vllm=vllm)
+    backend.generate([[1, 2, 3], [1] * 8], SamplingConfig(2, 0.7, 0.95, 128, seed=1))
+    ((_, params, _),) = vllm.generate_calls
+    assert [p.kwargs["max_tokens"] for p in params] == [7, 2]  # one SamplingParams per prompt
+    assert all(p.kwargs["n"] == 2 and p.kwargs["seed"] == 1 for p in params)
+    backend.generate([[1, 2]], SamplingConfig(2, 0.7, 0.95, 5, seed=1))
+    assert vllm.generate_calls[-1][1].kwargs["max_tokens"] == 5  # fits: one shared object
+    with pytest.raises(UserError, match="context length"):
+        backend.generate([[1] * 10], SamplingConfig(1, 0.7, 0.95, 5, seed=1))
 
 
 def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -166,12 +166,15 @@ def open_backend(name: str, path: Path, config: StageConfig) -> tuple[Backend, A
             chat_template=spec.model.chat_template,
             trust_remote_code=spec.model.trust_remote_code,
         )
+        from psft.workflows.models import context_length_of
+
         backend: Backend = VLLMBackend(
             path,
             tensor_parallel_size=spec.eval.tensor_parallel_size,
             dtype=spec.model.dtype,
             seed=spec.eval.seed,
             trust_remote_code=spec.model.trust_remote_code,
+            context_length=spec.model.max_context_length or context_length_of(str(path)),
         )
         return backend, tokenizer
     from psft.trainer.eval.backends.transformers import TransformersBackend

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,9 +48,12 @@ class VLLMBackend:
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
         gpu_memory_utilization: float = 0.9,
+        context_length: int | None = None,
         vllm: ModuleType | None = None,
     ) -> None:
         self.vllm = vllm if vllm is not None else import_vllm()
+        self.context_length = context_length
+        """Prompt + generated tokens per sequence; vLLM rejects requests beyond it."""
         kwargs: dict[str, Any] = {
             "model": str(path),
             "tokenizer": str(path),
@@ -79,7 +83,11 @@ class VLLMBackend:
         progress: Progress | None = None,
     ) -> list[list[Generation]]:
         requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
-        outputs = self.llm.generate(requests, self.sampling_params(sampling), use_tqdm=False)
+        budgets = [self._budget(len(p), sampling.max_tokens) for p in prompts]
+        params: Any = self.sampling_params(sampling)
+        if any(b != sampling.max_tokens for b in budgets):  # one SamplingParams per prompt
+            params = [self.sampling_params(replace(sampling, max_tokens=b)) for b in budgets]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompts)} prompts")
         results = []
@@ -98,6 +106,17 @@ class VLLMBackend:
         if progress is not None:
             progress(len(prompts))
         return results
+
+    def _budget(self, prompt_tokens: int, max_tokens: int) -> int:
+        if self.context_length is None:
+            return max_tokens
+        room = self.context_length - prompt_tokens
+        if room <= 0:
+            raise UserError(
+                f"a prompt of {prompt_tokens} tokens does not fit the model's context length "
+                f"({self.context_length}); shorten the system prompt or the problem"
+            )
+        return min(max_tokens, room)
 
     def close(self) -> None:
         self.llm = None
