@@ -160,14 +160,13 @@ def open_backend(name: str, path: Path, config: StageConfig) -> tuple[Backend, A
     if name == "vllm":
         from psft.trainer.eval.backends.vllm import VLLMBackend
         from psft.trainer.model import load_tokenizer
+        from psft.workflows.models import context_length_of
 
         tokenizer = load_tokenizer(
             path,
             chat_template=spec.model.chat_template,
             trust_remote_code=spec.model.trust_remote_code,
         )
-        from psft.workflows.models import context_length_of
-
         backend: Backend = VLLMBackend(
             path,
             tensor_parallel_size=spec.eval.tensor_parallel_size,
