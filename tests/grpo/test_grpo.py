@@ -180,6 +180,9 @@ def test_trl_arguments_field_by_field(tmp_path):
     from trl import GRPOConfig
 
     GRPOConfig(**grpo_arguments(job, tmp_path, "cpu"))  # TRL accepts every argument
+    job.spec.grpo.mini_batch_size = 3
+    with pytest.raises(UserError, match=r"^spec\.grpo\.miniBatchSize: 3 must divide"):
+        grpo_arguments(job, tmp_path, "cpu")
 
 
 # a real run on the tiny model ---------------------------------------------------------------

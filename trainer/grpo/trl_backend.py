@@ -18,6 +18,7 @@ from typing import Any
 
 from psft.trainer.grpo.prompts import PromptRow
 from psft.trainer.grpo.reward import make_reward_function
+from psft.workflows.errors import UserError
 from psft.workflows.spec import PSFTJob
 
 METRIC_NAMES = {
@@ -48,6 +49,11 @@ def grpo_arguments(job: PSFTJob, output_dir: Path, device: str) -> dict[str, Any
     batchSize/miniBatchSize optimizer updates of miniBatchSize prompts' completions.
     """
     grpo = job.spec.grpo
+    if grpo.batch_size % grpo.mini_batch_size:
+        raise UserError(
+            f"spec.grpo.miniBatchSize: {grpo.mini_batch_size} must divide "
+            f"spec.grpo.batchSize ({grpo.batch_size})"
+        )
     updates = updates_per_step(job)
     return {
         "output_dir": str(output_dir),
