@@ -106,6 +106,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = [
@@ -119,6 +120,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             ax.plot(*zip(*pts, strict=True), marker="o", label=objective.upper())
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
