@@ -124,7 +124,12 @@ _METRIC_KEYS = {
 
 
 def _metrics_record(record: Obj) -> dict[str, Any]:
-    """A trainer record (snake_case keys of metrics.jsonl, or camelCase) -> status.metrics."""
+    """A stage summary (`<stage>/summary.json`: the last step's record under `final`, the
+    step count as `steps`) or a bare metrics.jsonl record -> status.metrics (camelCase)."""
+    if isinstance(record.get("final"), Mapping):
+        record = {"step": record.get("steps"), **record, **record["final"]}
+    elif "step" not in record and isinstance(record.get("steps"), int):
+        record = {**record, "step": record["steps"]}
     out: dict[str, Any] = {}
     for snake, camel in _METRIC_KEYS.items():
         value = record.get(snake, record.get(camel))
@@ -144,9 +149,19 @@ _RESULT_KEYS = {
 
 
 def _eval_results(stage: str, value: Any) -> dict[str, dict[str, Any]]:
-    """`{benchmark: {avg_at_k, ...}}` or `[{benchmark, avg_at_k, ...}]` -> `{stage/bench: ...}`."""
+    """The eval stage's summary (`{"results": [{checkpoint, benchmark, avg_at_k, ...}]}`), a
+    bare list of such rows, or `{benchmark: {...}}` -> `{stage/benchmark: result}`. With
+    several checkpoints per benchmark the `final` one is shown (else the last)."""
+    if isinstance(value, Mapping) and isinstance(value.get("results"), list):
+        value = value["results"]
     if isinstance(value, list):
-        value = {r.get("benchmark"): r for r in value if isinstance(r, dict) and r.get("benchmark")}
+        rows = [r for r in value if isinstance(r, Mapping) and r.get("benchmark")]
+        picked: dict[str, Any] = {}
+        for row in rows:
+            name = row["benchmark"]
+            if name not in picked or picked[name].get("checkpoint") != "final":
+                picked[name] = row
+        value = picked
     if not isinstance(value, dict):
         return {}
     out = {}

@@ -132,8 +132,14 @@ def test_lifecycle_create_progress_succeed_delete(
     assert cluster.condition("lc", "Training")["lastTransitionTime"] == training_since
 
     # success, with the stages' output parameters
-    final_metrics = {"step": 20, "total_steps": 20, "loss": 0.25, "entropy": 0.61}
-    eval_results = {"aime24": {"avg_at_k": 0.125, "pass_at_k": 0.5, "k": 4, "problems": 30}}
+    # the stages' summary.json files, as the trainer writes them
+    final_metrics = {
+        "steps": 20,
+        "total_steps": 20,
+        "final": {"step": 20, "loss": 0.25, "entropy": 0.61},
+    }
+    row = {"checkpoint": "final", "benchmark": "aime24", "avg_at_k": 0.125, "pass_at_k": 0.5}
+    eval_results = {"target": "train", "results": [{**row, "k": 4, "problems": 30}]}
     cluster.set_workflow_status(
         wf_name,
         {

@@ -260,3 +260,54 @@ def test_statuses_fit_the_crd_status_schema():
     ]
     for status in statuses:
         jsonschema.validate(status, schema)
+
+
+def test_reads_the_stage_summary_files_the_trainer_writes():
+    # trainer/engine/loop.py: train/summary.json; trainer/eval/stage.py: eval/summary.json
+    train_summary = {
+        "stage": "train",
+        "steps": 12,
+        "total_steps": 12,
+        "final": {"step": 12, "loss": 0.3, "entropy": 0.55, "grad_norm": 1.5, "epoch": 1.0},
+        "final_model": "train/final",
+    }
+    eval_summary = {
+        "target": "train",
+        "results": [
+            {"checkpoint": "step-6", "benchmark": "aime24", "avg_at_k": 0.4, "k": 4},
+            {"checkpoint": "final", "benchmark": "aime24", "avg_at_k": 0.25, "k": 4},
+            {"checkpoint": "final", "benchmark": "amc23", "avg_at_k": 0.5, "problems": 40},
+        ],
+    }
+    wf = _workflow(
+        {
+            "phase": "Running",
+            "nodes": nodes(
+                node(WF, "train", "Succeeded", outputs=_outputs("metrics", train_summary)),
+                node(WF, "eval", "Succeeded", outputs=_outputs("eval-results", eval_summary)),
+            ),
+        }
+    )
+    status = _status(_body(), wf)
+    assert status["metrics"] == {
+        "stage": "train",
+        "step": 12,
+        "totalSteps": 12,
+        "epoch": 1.0,
+        "loss": 0.3,
+        "entropy": 0.55,
+        "gradNorm": 1.5,
+    }
+    assert status["evalResults"] == {
+        "eval/aime24": {"avgAtK": 0.25, "k": 4, "checkpoint": "final"},
+        "eval/amc23": {"avgAtK": 0.5, "problems": 40, "checkpoint": "final"},
+    }
+    assert status["bestAvgAtK"] == 0.5
+    grpo = {"backend": "trl", "steps": 5, "prompts": 8}
+    assert _metrics_of(grpo) == {"step": 5}
+
+
+def _metrics_of(summary: dict) -> dict:
+    from psft.operator.status import _metrics_record
+
+    return _metrics_record(summary)
