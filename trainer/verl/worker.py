@@ -70,10 +70,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if store is not None:
             store.push(args.checkpoints_key)
 
+    def on_step(record: dict) -> None:
+        from psft.trainer.engine.progress import step_line
+
+        assert telemetry is not None
+        telemetry.log(record)
+        print(step_line(record, None), flush=True)
+
     try:
         trainer = PSFTTrainer(
             config,
-            on_step=telemetry.log if telemetry else None,
+            on_step=on_step if telemetry else None,
             on_checkpoint=publish_checkpoint,
         )
         if trainer.resume_global_step and telemetry is not None:
