@@ -97,6 +97,25 @@ def metrics_bind_address() -> str:
     return "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
 
 
+def report_progress(record: dict[str, Any]) -> None:
+    """Write Argo's progress file ("step/total") when running in an Argo pod.
+
+    Argo reads $ARGO_PROGRESS_FILE periodically; the operator mirrors it into
+    PSFTJob.status. Outside Argo the variable is unset and nothing is written.
+    """
+    path = os.environ.get("ARGO_PROGRESS_FILE")
+    step, total = record.get("step"), record.get("total_steps")
+    if not path or not isinstance(step, int) or not isinstance(total, int) or total <= 0:
+        return
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{min(step, total)}/{total}\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # progress is informative; never fail the stage for it
+        log.warning("cannot write progress file %s: %s", path, exc)
+
+
 class Telemetry:
     """Metrics of one stage process: metrics.jsonl + Prometheus gauges."""
 
@@ -188,6 +207,7 @@ class Telemetry:
             self._records += 1
             if self.enabled:
                 self._update_gauges(record)
+        report_progress(record)
         if (
             self._at_checkpoint(record)
             or time.monotonic() - self._last_push >= self.push_interval_s

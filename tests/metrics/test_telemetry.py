@@ -111,3 +111,17 @@ def test_non_finite_values_stay_in_jsonl_only(config, tmp_path: Path) -> None:
     assert "psft_train_loss{" not in body
     assert "psft_train_entropy{" in body
     assert "NaN" in (tmp_path / "m.jsonl").read_text()
+
+
+def test_argo_progress_file_follows_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from psft.trainer.telemetry import report_progress
+
+    progress = tmp_path / "progress"
+    monkeypatch.setenv("ARGO_PROGRESS_FILE", str(progress))
+    report_progress({"step": 3, "total_steps": 216, "loss": 1.0})
+    assert progress.read_text() == "3/216\n"
+    report_progress({"benchmark": "aime24", "avg_at_k": 0.1})  # no step: unchanged
+    assert progress.read_text() == "3/216\n"
+    monkeypatch.delenv("ARGO_PROGRESS_FILE")
+    report_progress({"step": 4, "total_steps": 216})
+    assert progress.read_text() == "3/216\n"
