@@ -358,6 +358,9 @@ def to_json_schema(schema: dict[str, Any], *, strict: bool = True) -> dict[str, 
     open_object = schema.get("x-kubernetes-preserve-unknown-fields")
     if strict and "properties" in schema and not open_object:
         out["additionalProperties"] = False
+    if "apiVersion" in out.get("properties", {}) and "metadata" in out["properties"]:
+        # the API server checks metadata as ObjectMeta; the CRD may only restrict name
+        out["properties"]["metadata"].pop("additionalProperties", None)
     return out
 
 
