@@ -72,12 +72,18 @@ def plot_training(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path | No
     fig, (ax_ent, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, records in runs.items():
         ax_ent.plot(*step_series(records, "entropy"), label=f"{name} entropy")
-        ax_loss.plot(*step_series(records, "loss"), label=f"{name} loss")
+        val_steps, val_entropy = step_series(records, "val_entropy")
+        if val_entropy:
+            ax_ent.plot(val_steps, val_entropy, "o--", label=f"{name} held-out entropy")
+        # NLL of the demonstrations is comparable across objectives; the PSFT surrogate
+        # (about -1 by construction) stays in metrics.jsonl as `loss`
+        key = "nll" if step_series(records, "nll")[1] else "loss"
+        ax_loss.plot(*step_series(records, key), label=f"{name} {key}")
         val_steps, val = step_series(records, "val_loss")
         if val:
             ax_loss.plot(val_steps, val, "o--", label=f"{name} held-out NLL")
     ax_ent.set(title="Token entropy (response tokens)", xlabel="step", ylabel="nats")
-    ax_loss.set(title="Loss", xlabel="step")
+    ax_loss.set(title="Loss: NLL of demonstration tokens", xlabel="step", ylabel="nats")
     for ax in (ax_ent, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -224,9 +224,11 @@ class Trainer:
                 self.state.elapsed_s = elapsed_before + time.monotonic() - began
                 record["elapsed_s"] = round(self.state.elapsed_s, 3)
                 self.state.last_record = record
+                # the record first: the checkpoint commit uploads metrics.jsonl before its
+                # marker, so a resumed run on a fresh machine finds this step's record
+                telemetry.log(record)
                 if last or due:
                     self.save()
-                telemetry.log(record)
                 progress.update(record)
                 if stop_after is not None and self.state.step >= stop_after and not last:
                     return None
