@@ -75,8 +75,11 @@ def load_registered(name: str) -> Benchmark:
     return Benchmark(name, "math", problems, source)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL / JSON / Parquet / CSV file as dicts (clear errors, no traceback)."""
+def read_rows(path: Path, what: str = "benchmark file") -> list[dict[str, Any]]:
+    """Rows of a JSONL / JSON / Parquet / CSV file as dicts (clear errors, no traceback).
+
+    `what` names the file's role in error messages ("benchmark file", "GRPO prompt file").
+    """
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
@@ -99,11 +102,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
     except FileNotFoundError as exc:
-        raise UserError(f"benchmark file {path} does not exist") from exc
+        raise UserError(f"{what} {path} does not exist") from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         if isinstance(exc, UserError):
             raise
-        raise UserError(f"benchmark file {path} cannot be read: {exc}") from exc
+        raise UserError(f"{what} {path} cannot be read: {exc}") from exc
     bad = [i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)]
     if bad:
         raise UserError(f"{path}: row {bad[0]} is not an object with named columns")

@@ -6,11 +6,11 @@ answers is refused here, before any model is loaded or any rollout starts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from psft.trainer.eval.registry import read_rows
 from psft.workflows.errors import UserError
 from psft.workflows.spec import PSFTJob
 
@@ -21,28 +21,6 @@ class PromptRow:
     answer: str
     source: str
     """file:row, for error messages and logs."""
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return list(json.loads(text))
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        return rows
-    raise UserError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl or .parquet")
 
 
 def _answer(value: Any) -> str | None:
@@ -63,7 +41,7 @@ def load_prompts(job: PSFTJob, files: list[tuple[str, Path]]) -> list[PromptRow]
         raise UserError("spec.grpo.prompts: GRPO is enabled but no prompt files are given")
     rows: list[PromptRow] = []
     for name, path in files:
-        data = _read_rows(path)
+        data = read_rows(path, what="GRPO prompt file")
         if not data:
             raise UserError(f"spec.grpo.prompts: {name} holds no rows")
         for i, row in enumerate(data):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -72,6 +73,20 @@ class RunStore(Protocol):
     def latest_checkpoint(self, stage: str) -> int | None:
         """Step named by the `latest` marker of `stage`, or None before the first commit."""
         ...
+
+
+class CheckpointFolders:
+    """Shared by the stores: checkpoints are written into the local mirror first."""
+
+    def local_path(self, key: str) -> Path:
+        raise NotImplementedError
+
+    def checkpoint_dir(self, stage: str, step: int) -> Path:
+        path = self.local_path(layout.checkpoint(stage, step))
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
 
 
 def marker_body(step: int) -> bytes:

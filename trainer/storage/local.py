@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from psft.trainer.storage.base import (
+    CheckpointFolders,
     MissingArtifact,
     StorageError,
     checkpoint_steps,
@@ -49,7 +50,7 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-class LocalRunStore:
+class LocalRunStore(CheckpointFolders):
     """A run stored in a local folder (the default for `psft run`)."""
 
     def __init__(self, root: Path, *, keep_checkpoints: int = 2) -> None:
@@ -83,13 +84,6 @@ class LocalRunStore:
 
     def exists(self, key: str) -> bool:
         return self.local_path(key).exists()
-
-    def checkpoint_dir(self, stage: str, step: int) -> Path:
-        path = self.local_path(layout.checkpoint(stage, step))
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return path
 
     def commit_checkpoint(self, stage: str, step: int) -> None:
         folder = self.local_path(layout.checkpoint(stage, step))

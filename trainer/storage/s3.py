@@ -17,6 +17,7 @@ from pathlib import Path
 
 from psft.trainer.storage.base import (
     MANIFEST,
+    CheckpointFolders,
     MissingArtifact,
     StorageError,
     checkpoint_steps,
@@ -57,7 +58,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "psft"
 
 
-class S3RunStore:
+class S3RunStore(CheckpointFolders):
     """A run stored in an S3 bucket, mirrored in a local work folder."""
 
     def __init__(
@@ -180,13 +181,6 @@ class S3RunStore:
             self._index.record(uploaded.values())
         else:
             raise MissingArtifact(f"cannot publish {key}: {path} does not exist")
-
-    def checkpoint_dir(self, stage: str, step: int) -> Path:
-        path = self.local_path(layout.checkpoint(stage, step))
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return path
 
     def commit_checkpoint(self, stage: str, step: int) -> None:
         key = layout.checkpoint(stage, step)
