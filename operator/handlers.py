@@ -6,8 +6,10 @@ effects on other kopf operators in the same process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -36,6 +38,25 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     return settings
 
 
+class _Outcome:
+    result = "error"
+
+
+@contextlib.contextmanager
+def _measured() -> Iterator[_Outcome]:
+    """Count and time one reconcile; `retry` when kopf will try again, else the result set."""
+    started = time.perf_counter()
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except kopf.TemporaryError:
+        outcome.result = "retry"
+        raise
+    finally:
+        metrics.RECONCILES.labels(outcome.result).inc()
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
 @kopf.on.login(registry=REGISTRY)
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """In-cluster service account first, then $KUBECONFIG (kopf's own client)."""
@@ -59,19 +80,11 @@ def reconcile_job(
     body: kopf.Body, reason: str | None, diff: kopf.Diff, logger: logging.Logger, **_: Any
 ) -> None:
     """Validate, create/adopt/restart the Workflow, suspend/resume it, update status."""
-    started = time.perf_counter()
-    result = "error"
-    try:
+    with _measured() as outcome:
         changed = any(
             path[:1] == ("spec",) and path[:2] != ("spec", "suspend") for _, path, _, _ in diff
         )
-        result = reconcile.reconcile_job(_plain(body), logger, reason, spec_changed=changed)
-    except kopf.TemporaryError:
-        result = "retry"
-        raise
-    finally:
-        metrics.RECONCILES.labels(result).inc()
-        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        outcome.result = reconcile.reconcile_job(_plain(body), logger, reason, spec_changed=changed)
 
 
 def _owned_workflow(body: kopf.Body, **_: Any) -> bool:
@@ -84,22 +97,14 @@ def workflow_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
     owner = reconcile.owner_of(_workflow_view(body))
     if owner is None:
         return
-    started = time.perf_counter()
-    result = "error"
-    try:
+    with _measured() as outcome:
         workflow = _workflow_view(body) if type != "DELETED" else None
         namespace = body["metadata"]["namespace"]
         if workflow is not None and reconcile.already_synced(namespace, owner[0], workflow):
-            result = "ok"
+            outcome.result = "ok"
             return  # the status already reflects this very version of the Workflow
         reconcile.sync_status(body["metadata"]["namespace"], owner[0], workflow_seen=workflow)
-        result = "ok"
-    except kopf.TemporaryError:
-        result = "retry"
-        raise
-    finally:
-        metrics.RECONCILES.labels(result).inc()
-        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        outcome.result = "ok"
 
 
 def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
