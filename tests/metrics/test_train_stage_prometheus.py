@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from servers.jobs import make_job, make_stage_config
 from servers.prometheus import PrometheusStack
+from servers.seaweed import free_ports
 
 from psft.trainer.prepare import run as run_prepare
 from psft.workflows import layout
@@ -37,6 +38,11 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     runs = tmp_path / "runs"
+    # Prometheus knows the endpoint before the stage starts: a quick run (seconds on an idle
+    # machine) must not end before service discovery has picked up its target
+    [port] = free_ports(1)
+    prometheus_stack.add_target(f"127.0.0.1:{port}")
+    wait_until_known(prometheus_stack, f"127.0.0.1:{port}")
     job = make_job(
         "prom-train",
         storage={"type": "local", "local": {"path": str(runs)}},
@@ -44,7 +50,7 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
         dataset={"train": [str(data)], "systemPrompt": ""},
         psft={"batchSize": 2, "miniBatchSize": 1, "microBatchSize": 1, "maxSteps": 40},
         resources={"device": "cpu"},
-        monitoring={"metricsPort": 0, "pushgateway": prometheus_stack.pushgateway_url},
+        monitoring={"metricsPort": port, "pushgateway": prometheus_stack.pushgateway_url},
     )
     run_prepare(make_stage_config(job, "prepare"))
     config = make_stage_config(job, "train").model_copy(update={"progress": False})
@@ -68,7 +74,6 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
             found = re.search(r"metrics: http://(127\.0\.0\.1:\d+)/metrics", line)
             if found and not target:
                 target.append(found.group(1))
-                prometheus_stack.add_target(found.group(1))
 
     reader = threading.Thread(target=follow)
     reader.start()
@@ -76,9 +81,8 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
         assert proc.wait(timeout=300) == 0, "".join(output)[-3000:]
     finally:
         reader.join(timeout=30)
-        if target:
-            prometheus_stack.remove_target(target[0])
-    assert target, "the stage printed no metrics endpoint: " + "".join(output)[-2000:]
+        prometheus_stack.remove_target(f"127.0.0.1:{port}")
+    assert target == [f"127.0.0.1:{port}"], "no endpoint printed: " + "".join(output)[-2000:]
 
     lines = (runs / "prom-train" / layout.metrics("train")).read_text().splitlines()
     records = {r["step"]: r for r in map(json.loads, lines)}
@@ -104,3 +108,13 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
             assert by_time[t] == pytest.approx(records[int(float(step))]["entropy"], rel=1e-12)
             checked += 1
     assert checked > 0
+
+
+def wait_until_known(stack: PrometheusStack, host_port: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active = stack.api("targets")["activeTargets"]
+        if any(t["labels"].get("instance") == host_port for t in active):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"Prometheus did not discover {host_port} within {timeout} s")
