@@ -48,7 +48,14 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
         storage={"type": "local", "local": {"path": str(runs)}},
         model={"source": str(tiny_model_dir)},
         dataset={"train": [str(data)], "systemPrompt": ""},
-        psft={"batchSize": 2, "miniBatchSize": 1, "microBatchSize": 1, "maxSteps": 40},
+        # 8 updates a step keep the stage serving for several 1 s scrapes on an idle machine
+        psft={
+            "batchSize": 8,
+            "miniBatchSize": 1,
+            "microBatchSize": 1,
+            "maxSteps": 40,
+            "epochs": 14,
+        },
         resources={"device": "cpu"},
         monitoring={"metricsPort": port, "pushgateway": prometheus_stack.pushgateway_url},
     )
