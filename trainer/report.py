@@ -49,7 +49,7 @@ def summarize_training(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "steps": int(last.get("step", len(records))),
         "total_steps": last.get("total_steps"),
-        "tokens": sum(int(r.get("tokens", 0)) for r in records),
+        "tokens": last.get("tokens"),  # cumulative in each record
         "elapsed_s": last.get("elapsed_s"),
         "final": {k: last[k] for k in keys if k in last},
         "entropy": (
