@@ -5,7 +5,9 @@ OpenAPI v3 schema, the form Kubernetes requires for pruning, defaulting and CEL:
 
 - every node is typed; descriptions come from the attribute docstrings (or
   psft.workflows.descriptions); defaults, enums, bounds and patterns are carried over;
-  object fields with a default get `default: {}` so the API server fills their defaults.
+  an object field with a default gets its full nested default (not `default: {}`): the
+  API server checks every default against the CEL rules of its node without filling the
+  nested defaults first, so `default: {}` fails a rule such as `self.batchSize % ...`.
 - `additionalProperties: false` is not allowed next to `properties` in a CRD. Unknown
   fields are pruned by the API server instead, and rejected outright under strict field
   validation (kubectl's default, `--validate=strict`); the operator also runs
@@ -130,13 +132,21 @@ def _wire_default(info: FieldInfo) -> tuple[bool, Any]:
     if info.default_factory is not None:
         value = info.default_factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
-            return True, {}  # the API server then fills the nested defaults
+            return True, _without_empty(value.to_wire())
         if value in ([], {}):
             return False, None  # absent and empty mean the same; keep objects small
         return True, to_jsonable_python(value)
     if info.default is PydanticUndefined or info.default is None:
         return False, None
     return True, to_jsonable_python(info.default)
+
+
+def _without_empty(value: Any) -> Any:
+    """Drop empty lists and objects from a default, as _wire_default omits them."""
+    if isinstance(value, dict):
+        kept = {k: _without_empty(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in ([], {})}
+    return value
 
 
 class _Converter:

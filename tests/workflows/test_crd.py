@@ -289,3 +289,53 @@ def test_example_passes_crd_schema_cel_and_validation(path: Path, openapi) -> No
         jsonschema.validate(crd_mod.apply_defaults(doc, openapi), schema)
         assert _cel_failures(doc, openapi) == []
         validate_job(doc, str(path))
+
+
+def _defaults_with_rules(schema: dict[str, Any], path: str = "") -> list[tuple[str, Any, dict]]:
+    """Every (path, default, schema node) in the CRD schema."""
+    found = []
+    if "default" in schema:
+        found.append((path, schema["default"], schema))
+    for key, sub in schema.get("properties", {}).items():
+        found += _defaults_with_rules(sub, f"{path}.{key}".lstrip("."))
+    if isinstance(schema.get("items"), dict):
+        found += _defaults_with_rules(schema["items"], f"{path}[]")
+    return found
+
+
+def _rule_errors_on(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """Every CEL rule of `schema` and of its nested nodes, run against `value` as it is:
+    what the API server does with each default when the CRD is created (it does not fill
+    the nested defaults first)."""
+    errors = []
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        try:
+            result = env.program(env.compile(rule["rule"])).evaluate(
+                {"self": celpy.json_to_cel(value)}
+            )
+        except celpy.CELEvalError as exc:
+            errors.append(f"{path}: {rule['rule']}: {exc}")
+            continue
+        if isinstance(result, celpy.CELEvalError) or not result:
+            errors.append(f"{path}: {rule['rule']}: {result!r}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += _rule_errors_on(value[key], sub, f"{path}.{key}")
+    return errors
+
+
+def test_every_cel_rule_holds_on_every_default(openapi: dict[str, Any]) -> None:
+    defaults = _defaults_with_rules(openapi)
+    with_rules = [path for path, _, node in defaults if "x-kubernetes-validations" in node]
+    assert {"spec.psft", "spec.grpo", "spec.storage"} <= set(with_rules)
+    errors = [e for path, value, node in defaults for e in _rule_errors_on(value, node, path)]
+    assert errors == []
+
+
+def test_object_defaults_carry_their_nested_defaults(openapi: dict[str, Any]) -> None:
+    psft = crd_mod._at(openapi, "spec.psft")
+    assert psft["default"]["batchSize"] == 64 and psft["default"]["miniBatchSize"] == 8
+    # the nested default equals what the API server would fill into `{}`
+    assert psft["default"] == crd_mod.apply_defaults({}, psft)
