@@ -12,6 +12,13 @@ from psft.workflows import layout
 from psft.workflows.spec import PSFTJob
 
 
+def job_prefix(job: PSFTJob) -> str:
+    """The S3 key prefix only this job writes under: `<prefix>/<namespace>/<name>/<uid>/`."""
+    s3 = job.spec.storage.s3
+    assert s3 is not None
+    return layout.run_root(job).removeprefix(f"s3://{s3.bucket}/").rstrip("/") + "/"
+
+
 def delete_artifacts(job: PSFTJob, logger: logging.Logger | Any) -> int:
     """Delete every object under the job's S3 run root; returns how many were deleted.
 
@@ -22,6 +29,9 @@ def delete_artifacts(job: PSFTJob, logger: logging.Logger | Any) -> int:
         logger.info("storage is not S3: no artifacts to delete from the operator")
         return 0
     s3 = storage.s3
+    if not job.metadata.uid:
+        # the run root ends in the job's uid; without it the prefix is not this job's own
+        raise kopf.PermanentError("the job has no metadata.uid: refusing to delete artifacts")
     if s3.secret_ref is None:
         raise kopf.PermanentError(
             "spec.storage.s3.secretRef is required to delete artifacts (deleteOnJobDeletion)"
@@ -41,7 +51,7 @@ def delete_artifacts(job: PSFTJob, logger: logging.Logger | Any) -> int:
     client = Minio(
         s3.endpoint, access_key=access, secret_key=key, secure=s3.secure, region=s3.region
     )
-    prefix = layout.run_root(job).removeprefix(f"s3://{s3.bucket}/").rstrip("/") + "/"
+    prefix = job_prefix(job)
     try:
         listing = client.list_objects(s3.bucket, prefix=prefix, recursive=True)
         names = [o.object_name for o in listing]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -17,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from psft.workflows import layout
+from psft.workflows import layout, run_folder
 from psft.workflows.errors import UserError
 from psft.workflows.pipeline import Stage, build_pipeline
 from psft.workflows.spec import PSFTJob
 from psft.workflows.stages import stage_config
 
-STAGES_DIR = "stages"
+STAGES_DIR = run_folder.STAGES_DIR
 
 
 def spec_digest(job: PSFTJob) -> str:
@@ -42,10 +42,14 @@ class StageResult:
 
 
 def with_runs_dir(job: PSFTJob, runs_dir: str | None) -> PSFTJob:
-    if not runs_dir:
+    if runs_dir is None:
         return job
     job = job.model_copy(deep=True)
-    job.spec.storage.local.path = runs_dir
+    try:
+        job.spec.storage.local.path = runs_dir
+    except ValidationError as exc:
+        reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"--runs-dir {runs_dir!r}: {reason}") from None
     return job
 
 
@@ -61,21 +65,19 @@ def _prepare_run_dir(job: PSFTJob, fresh: bool) -> Path:
         run_dir = Path(layout.run_root(job))
     spec_file = run_dir / layout.SPEC
     digest = spec_digest(job)
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_folder.claim(run_dir, job.metadata.name, fresh=fresh)
     if spec_file.exists():
         earlier = yaml.safe_load(spec_file.read_text()) or {}
-        if earlier.get("metadata", {}).get("annotations", {}).get("psft.dev/spec-digest") != digest:
+        annotations = earlier.get("metadata", {}).get("annotations", {})
+        if annotations.get(run_folder.DIGEST_ANNOTATION) != digest:
             raise UserError(
                 f"{run_dir} holds a run of a different spec for job {job.metadata.name!r}; "
                 "rerun with --fresh to discard it, or change metadata.name"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STAGES_DIR).mkdir(exist_ok=True)
     resolved = job.to_wire()
-    resolved.setdefault("metadata", {}).setdefault("annotations", {})["psft.dev/spec-digest"] = (
-        digest
-    )
+    resolved.setdefault("metadata", {}).setdefault("annotations", {})[
+        run_folder.DIGEST_ANNOTATION
+    ] = digest
     resolved.pop("status", None)
     spec_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
     return run_dir

@@ -156,8 +156,8 @@ def _default(node: dict[str, Any]) -> str:
     if "default" not in node:
         return ""
     value = node["default"]
-    if value == {}:
-        return "see fields"
+    if isinstance(value, dict) and "properties" in node:
+        return "see fields"  # an object's default is its fields' defaults
     if isinstance(value, str) and value:
         return f"`{value}`"  # as the user writes it in YAML, without JSON escapes
     return f"`{json.dumps(value, ensure_ascii=False)}`"

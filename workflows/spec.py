@@ -7,9 +7,10 @@ snake_case in Python. Unknown fields are rejected everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "psft.dev/v1alpha1"
@@ -290,7 +291,18 @@ class S3Storage(Section):
 
 class LocalStorage(Section):
     path: str = "runs"
-    """Folder under which `<job name>/` holds the run."""
+    """Folder under which `<job name>/` holds the run (not empty, not the root folder)."""
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty_or_root(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a folder, e.g. 'runs'; an empty path is not allowed")
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+        if value.strip().rstrip("/") == "" or Path(value).expanduser().resolve() == Path("/"):
+            raise ValueError("must not be the root folder '/': name a folder such as 'runs'")
+        return value
 
 
 class StorageSpec(Section):

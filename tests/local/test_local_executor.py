@@ -10,7 +10,7 @@ import yaml
 
 from psft.workflows.errors import UserError
 from psft.workflows.local import _prepare_run_dir, run_local, stage_argv
-from psft.workflows.validate import validate_job
+from psft.workflows.validate import InvalidJob, validate_job
 
 
 def make_job(tmp_path: Path, model: str = "m", **spec: dict) -> dict:
@@ -41,8 +41,83 @@ def test_run_dir_refuses_a_different_spec(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="different spec"):
         _prepare_run_dir(changed, fresh=False)
     (run_dir / "keep.txt").write_text("x")
+    (run_dir / "train").mkdir()
     assert _prepare_run_dir(changed, fresh=True) == run_dir
-    assert not (run_dir / "keep.txt").exists()
+    # --fresh discards psft's own outputs, never a file the user put there
+    assert (run_dir / "keep.txt").read_text() == "x"
+    assert not (run_dir / "train").exists()
+    assert (
+        yaml.safe_load((run_dir / "spec.yaml").read_text())["spec"]["psft"]["learningRate"] == 1e-5
+    )
+
+
+def _users_home(tmp_path: Path) -> Path:
+    home = tmp_path / "runs" / "tiny"
+    (home / "photos").mkdir(parents=True)
+    (home / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    (home / "notes.txt").write_text("mine")
+    return home
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_folder_psft_did_not_create_is_never_written_or_deleted(
+    tmp_path: Path, fresh: bool
+) -> None:
+    home = _users_home(tmp_path)
+    before = sorted(p.relative_to(home) for p in home.rglob("*"))
+    job = validate_job(make_job(tmp_path))
+    with pytest.raises(UserError, match="holds no psft run"):
+        _prepare_run_dir(job, fresh=fresh)
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == before
+    assert (home / "photos" / "cat.jpg").read_bytes() == b"\xff\xd8 a cat"
+
+
+def test_fresh_through_the_cli_refuses_a_users_folder(tmp_path: Path) -> None:
+    home = _users_home(tmp_path)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(make_job(tmp_path)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "psft.workflows.cli",
+            "run",
+            str(spec),
+            "--fresh",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "holds no psft run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (home / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_folder_is_marked_and_a_file_in_its_place_is_refused(tmp_path: Path) -> None:
+    job = validate_job(make_job(tmp_path))
+    run_dir = _prepare_run_dir(job, fresh=False)
+    assert (run_dir / ".psft-run").is_file()
+    (run_dir / ".psft-run").unlink()  # a run made before the marker: recognised by spec.yaml
+    assert _prepare_run_dir(job, fresh=True) == run_dir
+    assert (run_dir / ".psft-run").is_file()
+    other = validate_job(make_job(tmp_path) | {"metadata": {"name": "other"}})
+    (tmp_path / "runs" / "other").write_text("a file, not a folder")
+    with pytest.raises(UserError, match="not a folder"):
+        _prepare_run_dir(other, fresh=True)
+    assert (tmp_path / "runs" / "other").read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("path", ["", "  ", "/", "//", "/.."])
+def test_an_empty_or_root_local_path_is_a_field_error(tmp_path: Path, path: str) -> None:
+    doc = make_job(tmp_path, storage={"local": {"path": path}})
+    with pytest.raises(InvalidJob, match=r"spec\.storage\.local\.path"):
+        validate_job(doc)
+    job = validate_job(make_job(tmp_path))
+    with pytest.raises(UserError, match="--runs-dir"):
+        run_local(job, runs_dir=path)
 
 
 def test_only_rejects_unknown_stage(tmp_path: Path) -> None:
