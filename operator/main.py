@@ -72,8 +72,8 @@ def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     where = scope(args.namespace, args.all_namespaces)
     peers = peering(args.peering, args.standalone)
-    metrics.serve(args.metrics_port)
-    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    metrics.serve(args.metrics_port, args.bind_address)
+    liveness = f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
     asyncio.run(operate(**where, **peers, liveness_endpoint=liveness))
     return 0
 

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-namespaces", action="store_true", help="cluster-wide")
     p.add_argument("--metrics-port", type=int, default=8080)
     p.add_argument("--health-port", type=int, default=8081)
+    p.add_argument(
+        "--bind-address", default="0.0.0.0", help="address of the metrics and health servers"
+    )
     p.add_argument("--peering", default=None, help="kopf peering name (leader election)")
     p.add_argument("--standalone", action="store_true", help="no peering")
     p.set_defaults(func=_cmd_operator)

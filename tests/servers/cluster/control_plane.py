@@ -93,7 +93,9 @@ class ControlPlane:
     def crds(self, component: str) -> Path:
         return ensure_built(component, self.components) / "crds"
 
-    def write_kubeconfig(self, path: Path, token: str, user: str = "user") -> Path:
+    def write_kubeconfig(
+        self, path: Path, token: str, user: str = "user", namespace: str = "default"
+    ) -> Path:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -107,7 +109,12 @@ class ControlPlane:
                 }
             ],
             "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
+            "contexts": [
+                {
+                    "name": "test",
+                    "context": {"cluster": "test", "user": user, "namespace": namespace},
+                }
+            ],
             "current-context": "test",
         }
         path.write_text(yaml.safe_dump(config))
@@ -259,7 +266,230 @@ class ControlPlane:
         )
         return self
 
+    # ---- kubectl-free helpers ----
+    def apply_files(self, paths: list[Path]) -> None:
+        """kubectl apply each file (server-side); CRDs among them are waited for."""
+        from k8s_tools import run_tool
+
+        for path in paths:
+            run_tool(
+                "kubectl",
+                f"--kubeconfig={self.kubeconfig}",
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                str(path),
+            )
+        run_tool(
+            "kubectl",
+            f"--kubeconfig={self.kubeconfig}",
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        )
+
+    def create(self, path: str, body: dict) -> dict:  # type: ignore[type-arg]
+        status, out = self.request(path, method="POST", body=body)
+        if status not in (200, 201, 409):
+            raise ClusterError(f"POST {path}: {status} {out}")
+        return out
+
+    # ---- kwok: fake nodes whose pods run and exit on demand ----
+    def start_kwok(self) -> None:
+        stages = self.folder / "kwok-stages.yaml"
+        stages.write_text(kwok_stages(self.module_dir("kwok")))
+        (kwok_port,) = free_ports(1)
+        self._spawn(
+            "kwok",
+            [
+                self.bin("kwok", "kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL}=true",
+                f"--config={stages}",
+                f"--server-address=127.0.0.1:{kwok_port}",
+                "--node-ip=127.0.0.1",
+                "--cidr=10.244.0.1/16",
+            ],
+        )
+        self._wait("kwok", lambda: self.request("/api/v1/nodes")[0] == 200)
+
+    def add_node(self, name: str, gpus: int = 8, labels: dict[str, str] | None = None) -> None:
+        capacity = {"cpu": "96", "memory": "1Ti", "pods": "110", "ephemeral-storage": "1Ti"}
+        if gpus:
+            capacity["nvidia.com/gpu"] = str(gpus)
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    KWOK_NODE_LABEL: "true",
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    **(labels or {}),
+                },
+                "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+            },
+            "spec": {},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+        self.create("/api/v1/nodes", node)
+
+        def ready() -> bool:
+            _, got = self.request(f"/api/v1/nodes/{name}")
+            return any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in got.get("status", {}).get("conditions", [])
+            )
+
+        self._wait("kwok", ready, timeout=60)
+
+    def module_dir(self, component: str) -> Path:
+        c = self.components[component]
+        out = subprocess.run(
+            ["go", "mod", "download", "-json", f"{c.module}@{c.version}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=self.folder,
+        ).stdout
+        return Path(json.loads(out)["Dir"])
+
+    # ---- Argo Workflows controller ----
+    def start_argo(self, namespace: str = "argo", executor_image: str = "argoexec:test") -> None:
+        self.apply_files(sorted(self.crds("argo").glob("argoproj.io_*.yaml")))
+        self.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
+        # the controller serves no metrics here: nothing binds beyond what the test needs
+        config = {"config": "metricsConfig: {enabled: false}\ntelemetryConfig: {enabled: false}\n"}
+        self.create(
+            f"/api/v1/namespaces/{namespace}/configmaps",
+            {"metadata": {"name": "workflow-controller-configmap"}, "data": config},
+        )
+        # the controller reads its ConfigMap in its kubeconfig context's namespace
+        argo_config = self.write_kubeconfig(
+            self.folder / "argo.kubeconfig", self.admin_token, "argo", namespace
+        )
+        self._spawn(
+            "workflow-controller",
+            [
+                self.bin("argo", "workflow-controller"),
+                "--configmap=workflow-controller-configmap",
+                f"--kubeconfig={argo_config}",
+                f"--namespace={namespace}",
+                f"--executor-image={executor_image}",
+                "--executor-image-pull-policy=IfNotPresent",
+                "--loglevel=info",
+                "--workflow-workers=8",
+                "--qps=50",
+                "--burst=100",
+            ],
+            env={
+                "KUBECONFIG": str(self.kubeconfig),
+                "LEADER_ELECTION_DISABLE": "true",
+                "ARGO_NAMESPACE": namespace,
+                "POD_NAMESPACE": namespace,
+            },
+        )
+        # healthz: the controller serves it on :6060 (hard-coded in v3.7 main.go)
+        self._wait(
+            "workflow-controller",
+            lambda: (
+                urllib.request.urlopen("http://127.0.0.1:6060/healthz", timeout=2).status == 200
+            ),
+        )
+
+    # ---- KubeRay operator ----
+    def start_kuberay(self) -> None:
+        self.apply_files(sorted(self.crds("kuberay").glob("*.yaml")))
+        metrics, probes = free_ports(2)
+        self._spawn(
+            "kuberay-operator",
+            [
+                self.bin("kuberay", "ray-operator"),
+                f"--metrics-addr=127.0.0.1:{metrics}",
+                f"--health-probe-bind-address=127.0.0.1:{probes}",
+                "--enable-leader-election=false",
+                "--log-stdout-encoder=console",
+            ],
+            env={"KUBECONFIG": str(self.kubeconfig)},
+        )
+        self._wait(
+            "kuberay-operator",
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{probes}/readyz", timeout=2).status == 200
+            ),
+        )
+
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):
             proc.stop()
         self.processes.clear()
+
+
+# A pod on a kwok node runs (kwok's own pod-ready stage) until the test annotates it with
+# psft.test/exit-code: then its containers terminate with that code (0: Succeeded, else
+# Failed; the main container carries the code and psft.test/exit-message as its message).
+POD_EXIT_STAGE = """\
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: psft-pod-exit
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Running']
+    - key: '.metadata.annotations["psft.test/exit-code"]'
+      operator: 'Exists'
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      {{ $code := index .metadata.annotations "psft.test/exit-code" }}
+      {{ $message := or ( index .metadata.annotations "psft.test/exit-message" ) "" }}
+      phase: {{ if eq $code "0" }}Succeeded{{ else }}Failed{{ end }}
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "False"
+        type: Ready
+      containerStatuses:
+      {{ range .spec.containers }}
+      - image: {{ .image | Quote }}
+        name: {{ .name | Quote }}
+        ready: false
+        restartCount: 0
+        started: false
+        state:
+          terminated:
+            {{ if eq .name "main" }}
+            exitCode: {{ $code }}
+            reason: {{ if eq $code "0" }}Completed{{ else }}Error{{ end }}
+            message: {{ $message | Quote }}
+            {{ else }}
+            exitCode: 0
+            reason: Completed
+            {{ end }}
+            startedAt: {{ $now | Quote }}
+            finishedAt: {{ $now | Quote }}
+      {{ end }}
+"""
+
+
+def kwok_stages(kwok_module: Path) -> str:
+    """kwok's own node and pod stages (from its module), plus psft-pod-exit."""
+    stage = kwok_module / "kustomize" / "stage"
+    files = [
+        stage / "node" / "fast" / "node-initialize.yaml",
+        stage / "node" / "heartbeat-with-lease" / "node-heartbeat-with-lease.yaml",
+        stage / "pod" / "fast" / "pod-ready.yaml",
+        stage / "pod" / "fast" / "pod-delete.yaml",
+    ]
+    return "\n---\n".join([*(f.read_text() for f in files), POD_EXIT_STAGE])
