@@ -52,8 +52,9 @@ path. On a cluster the same checks happen in two places:
   kubectl's default (`--validate=strict`); a CRD cannot say `additionalProperties: false`.
 - **The operator**, which runs `psft validate`'s code before creating anything: it also
   rejects unknown fields, unknown benchmark names, duplicate benchmarks, a prompt plus
-  response budget above the model's context length, and `spec.storage.type: local`
-  (each stage runs in its own pod, so a cluster run needs S3). A job that fails shows
+  response budget above the model's context length, `spec.resources.nodes` above 1
+  (multi-node training is not supported yet) and `spec.storage.type: local` (each stage
+  runs in its own pod, so a cluster run needs S3). A job that fails shows
   phase `Invalid` and condition `Valid=False` with every field error.
 
 Items of `spec.eval.benchmarks` are a registered name *or* an object; Kubernetes'
@@ -89,9 +90,10 @@ input artifact, never on a command line.
   Argo error (pod deleted, node lost) or death by a signal (exit code >= 128, e.g. OOM
   kill or eviction). Training resumes from its latest checkpoint (`psft.saveEvery`).
 - `ttlSecondsAfterFinished` sets the Workflow's TTL per outcome; `suspend` suspends it.
-- With `resources.nodes` > 1 the train stage is a KubeRay `RayJob` (`ray.io/v1`): one head
-  and `nodes - 1` workers with `gpusPerNode` GPUs each, entrypoint
-  `{argo_ray.ENTRYPOINT}`; the step waits for `{argo_ray.RAYJOB_SUCCESS}` or
+- Multi-node training is refused by validation until its launcher is written. The
+  renderer is ready for it: with `resources.nodes` > 1 the train stage is a KubeRay
+  `RayJob` (`ray.io/v1`): one head and `nodes - 1` workers with `gpusPerNode` GPUs each,
+  entrypoint `{argo_ray.ENTRYPOINT}`; the step waits for `{argo_ray.RAYJOB_SUCCESS}` or
   `{argo_ray.RAYJOB_FAILURE}`, and KubeRay retries it `backoffLimit` times.
 - Stages report progress through Argo's `$ARGO_PROGRESS_FILE` and leave small JSON
   results in the output parameters `{argo.METRICS_PARAMETER}` (train, grpo) and

@@ -180,7 +180,8 @@ class ResourcesSpec(Section):
     gpus_per_node: Annotated[int, Field(ge=0)] = 1
     """GPUs each training pod asks for (nvidia.com/gpu)."""
     nodes: Annotated[int, Field(gt=0)] = 1
-    """Nodes for training; more than one runs verl as a KubeRay RayJob."""
+    """Nodes for training. Only 1 is accepted for now: validation refuses more, because
+    multi-node training (verl on a KubeRay RayJob) has no launcher yet."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Local runs: where to train. `auto`: cuda when available."""
     image: str = DEFAULT_TRAINER_IMAGE

@@ -128,8 +128,18 @@ def _grpo(job: PSFTJob) -> Iterable[FieldError]:
         )
 
 
+MULTI_NODE_UNSUPPORTED = (
+    "multi-node training is not supported yet (the Ray launcher is not written); "
+    "use nodes: 1 with up to gpusPerNode GPUs"
+)
+
+
 def _resources(job: PSFTJob) -> Iterable[FieldError]:
     r = job.spec.resources
+    if r.nodes > 1:
+        # psft.workflows.argo_ray renders the RayJob, but the verl launcher refuses to run
+        # on more than one node: refuse here instead of failing the train pod on a cluster
+        yield FieldError("spec.resources.nodes", MULTI_NODE_UNSUPPORTED)
     if r.nodes > 1 and job.spec.psft.engine == "native":
         yield FieldError(
             "spec.psft.engine",

@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from workflow_examples import example_files, psftjob_docs
+from workflow_examples import EXPECTED_ERRORS, example_files, psftjob_docs
 
 from psft.workflows import argo, argo_ray
 from psft.workflows.cli import main
@@ -46,6 +46,21 @@ def s3_doc(**spec: Any) -> dict[str, Any]:
 
 def render(**spec: Any) -> dict[str, Any]:
     return argo.render_workflow(validate_job(s3_doc(**spec)))
+
+
+def multi_node_job(**spec: Any) -> PSFTJob:
+    """A job with resources.nodes > 1: validate_job refuses it until the multi-node launcher
+    lands, so the RayJob renderer is exercised on the parsed model directly."""
+    job = PSFTJob.model_validate(s3_doc(**spec))
+    assert job.spec.resources.nodes > 1
+    with pytest.raises(InvalidJob) as exc:
+        validate_job(s3_doc(**spec))
+    assert "spec.resources.nodes" in [e.path for e in exc.value.errors]
+    return job
+
+
+def render_multi_node(**spec: Any) -> dict[str, Any]:
+    return argo.render_workflow(multi_node_job(**spec))
 
 
 def templates(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -278,8 +293,8 @@ def test_check_workflow_reports_keys_hera_would_drop() -> None:
 
 
 def test_multi_node_training_is_a_rayjob() -> None:
-    job = validate_job(
-        s3_doc(resources={"nodes": 3, "gpusPerNode": 8, "queue": "team-a"}, backoffLimit=2)
+    job = multi_node_job(
+        resources={"nodes": 3, "gpusPerNode": 8, "queue": "team-a"}, backoffLimit=2
     )
     wf = argo.render_workflow(job)
     assert argo.check_workflow(wf) == []
@@ -322,7 +337,7 @@ def test_multi_node_training_is_a_rayjob() -> None:
 def test_longest_job_name_keeps_child_names_valid() -> None:
     doc = s3_doc(resources={"nodes": 2})
     doc["metadata"]["name"] = "a" * 52
-    wf = argo.render_workflow(validate_job(doc))
+    wf = argo.render_workflow(PSFTJob.model_validate(doc))
     assert len(wf["metadata"]["name"]) <= 63
     ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])
     assert len(ray["metadata"]["name"]) <= 63
@@ -331,7 +346,7 @@ def test_longest_job_name_keeps_child_names_valid() -> None:
 
 
 def test_volcano_rayjob_labels() -> None:
-    wf = render(resources={"nodes": 2, "schedulerName": "volcano", "queue": "q1"})
+    wf = render_multi_node(resources={"nodes": 2, "schedulerName": "volcano", "queue": "q1"})
     ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])
     assert ray["metadata"]["labels"]["ray.io/scheduler-name"] == "volcano"
     assert ray["metadata"]["labels"]["volcano.sh/queue-name"] == "q1"
@@ -340,10 +355,26 @@ def test_volcano_rayjob_labels() -> None:
 EXAMPLES = example_files()
 
 
+def example_job(path: Path, doc: dict[str, Any]) -> PSFTJob:
+    """The validated job of an example; for one listed in EXPECTED_ERRORS, check that
+    validation refuses it with exactly those fields, then parse it without the rules."""
+    expected = EXPECTED_ERRORS.get(path.name)
+    if expected is None:
+        return validate_job(doc, str(path))
+    with pytest.raises(InvalidJob) as exc:
+        validate_job(doc, str(path))
+    assert sorted({e.path for e in exc.value.errors}) == sorted(expected), exc.value
+    return PSFTJob.model_validate(doc)
+
+
+def test_expected_errors_name_existing_examples() -> None:
+    assert set(EXPECTED_ERRORS) <= {p.name for p in EXAMPLES}
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_renders_or_says_why_not(path: Path) -> None:
     for doc in psftjob_docs(path):
-        job = validate_job(doc, str(path))
+        job = example_job(path, doc)
         if argo.cluster_errors(job):
             with pytest.raises(InvalidJob):
                 argo.render_workflow(job)
