@@ -54,6 +54,10 @@ RETRY_EXPRESSION = (
 """Retry only infrastructure failures: Argo errors (pod deleted, node lost) and deaths by
 signal (exit code >= 128: OOM kill, eviction, preemption). A stage that exits 1 or 2 is
 an application failure and fails the job at once."""
+RETRY_BACKOFF = "30s"
+"""Delay before the first retry of a stage; each later one doubles it."""
+RETRY_BACKOFF_CAP = "10m"
+"""Longest delay between two tries of a stage."""
 
 
 def workflow_name(job: PSFTJob) -> str:
@@ -237,6 +241,13 @@ def stage_outputs(stage: Stage) -> m.Outputs | None:
 
 
 def retry_strategy(job: PSFTJob) -> m.RetryStrategy | None:
+    """Up to spec.backoffLimit retries, 30s apart and doubling, at most RETRY_BACKOFF_CAP.
+
+    No `maxDuration`: Argo measures it from the first attempt's start and fails the node
+    once it has passed ("Max duration limit exceeded"; retried pods get it as their
+    deadline), so a stage preempted after that long of training would never resume. The
+    number of tries is bounded by `limit` alone. `cap` needs Argo 3.7; older controllers
+    ignore it (the delays then keep doubling: 30s * 2**(n-1) before retry n)."""
     limit = job.spec.backoff_limit
     if limit == 0:
         return None
@@ -244,7 +255,7 @@ def retry_strategy(job: PSFTJob) -> m.RetryStrategy | None:
         limit=m.IntOrString(limit),
         retry_policy="Always",
         expression=RETRY_EXPRESSION,
-        backoff=m.Backoff(duration="30s", factor=m.IntOrString(2), max_duration="1h"),
+        backoff=m.Backoff(duration=RETRY_BACKOFF, factor=m.IntOrString(2), cap=RETRY_BACKOFF_CAP),
     )
 
 

@@ -88,7 +88,9 @@ input artifact, never on a command line.
   `storage.s3.secretRef` as `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
 - A stage is retried up to `backoffLimit` times only after infrastructure failures: an
   Argo error (pod deleted, node lost) or death by a signal (exit code >= 128, e.g. OOM
-  kill or eviction). Training resumes from its latest checkpoint (`psft.saveEvery`).
+  kill or eviction), first after {argo.RETRY_BACKOFF}, each wait twice the last, at most
+  {argo.RETRY_BACKOFF_CAP} (Argo 3.7+). However long a stage has run, it can still be
+  retried. Training resumes from its latest checkpoint (`psft.saveEvery`).
 - `ttlSecondsAfterFinished` sets the Workflow's TTL per outcome; `suspend` suspends it.
 - Multi-node training is refused by validation until its launcher is written. The
   renderer is ready for it: with `resources.nodes` > 1 the train stage is a KubeRay

@@ -240,6 +240,8 @@ def test_retries_only_infrastructure_failures() -> None:
             continue
         retry = template["retryStrategy"]
         assert retry["limit"] == 5 and retry["retryPolicy"] == "Always"
+        # no maxDuration: Argo counts it from the first try, so it would end all retries
+        assert retry["backoff"] == {"duration": "30s", "factor": 2, "cap": "10m"}
         assert retry["expression"] == argo.RETRY_EXPRESSION
         assert ">= 128" in retry["expression"] and '"Error"' in retry["expression"]
     assert all("retryStrategy" not in t for t in render(backoffLimit=0)["spec"]["templates"])
@@ -365,6 +367,34 @@ def example_job(path: Path, doc: dict[str, Any]) -> PSFTJob:
         validate_job(doc, str(path))
     assert sorted({e.path for e in exc.value.errors}) == sorted(expected), exc.value
     return PSFTJob.model_validate(doc)
+
+
+def rendered_examples() -> list[tuple[Path, PSFTJob, dict[str, Any]]]:
+    """(file, job, Workflow) of every example that renders on a cluster, multi-node too."""
+    out = []
+    for path in EXAMPLES:
+        for doc in psftjob_docs(path):
+            job = example_job(path, doc)
+            if not argo.cluster_errors(job):
+                out.append((path, job, argo.render_workflow(job)))
+    return out
+
+
+def test_example_retries_have_no_max_duration_and_follow_backoff_limit() -> None:
+    rendered = rendered_examples()
+    assert {p.name for p, _, _ in rendered} >= {"multinode.yaml", "qwen2.5-7b-limo.yaml"}
+    retried = 0
+    for path, job, wf in rendered:
+        for template in wf["spec"]["templates"]:
+            retry = template.get("retryStrategy")
+            if retry is None:
+                continue
+            retried += 1
+            where = f"{path.name}: {template['name']}"
+            assert "maxDuration" not in retry.get("backoff", {}), where
+            assert retry["limit"] == job.spec.backoff_limit > 0, where
+            assert retry["expression"] == argo.RETRY_EXPRESSION, where
+    assert retried
 
 
 def test_expected_errors_name_existing_examples() -> None:
