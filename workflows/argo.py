@@ -246,8 +246,9 @@ def retry_strategy(job: PSFTJob) -> m.RetryStrategy | None:
     No `maxDuration`: Argo measures it from the first attempt's start and fails the node
     once it has passed ("Max duration limit exceeded"; retried pods get it as their
     deadline), so a stage preempted after that long of training would never resume. The
-    number of tries is bounded by `limit` alone. `cap` needs Argo 3.7; older controllers
-    ignore it (the delays then keep doubling: 30s * 2**(n-1) before retry n)."""
+    number of tries is bounded by `limit`; the job's time by spec.activeDeadlineSeconds.
+    `cap` needs Argo 3.7; older controllers ignore it (the delays then keep doubling:
+    30s * 2**(n-1) before retry n)."""
     limit = job.spec.backoff_limit
     if limit == 0:
         return None
@@ -267,6 +268,13 @@ def config_artifact(job: PSFTJob, stage: Stage) -> m.Artifact:
     )
 
 
+def active_deadline(job: PSFTJob) -> m.IntOrString | None:
+    """spec.activeDeadlineSeconds for a template: Argo also stops each pod at the
+    Workflow's own deadline, so this bounds any one try of a stage the same way."""
+    seconds = job.spec.active_deadline_seconds
+    return None if seconds is None else m.IntOrString(seconds)
+
+
 def stage_template(job: PSFTJob, stage: Stage) -> m.Template:
     return m.Template(
         name=stage.name,
@@ -275,6 +283,7 @@ def stage_template(job: PSFTJob, stage: Stage) -> m.Template:
         container=stage_container(job, stage),
         outputs=stage_outputs(stage),
         retry_strategy=retry_strategy(job),
+        active_deadline_seconds=active_deadline(job),
     )
 
 
@@ -324,6 +333,7 @@ def build_workflow(job: PSFTJob) -> m.Workflow:
         spec=m.WorkflowSpec(
             entrypoint="psft",
             templates=[entry, *templates],
+            active_deadline_seconds=spec.active_deadline_seconds,
             service_account_name=r.service_account_name or DEFAULT_SERVICE_ACCOUNT,
             suspend=True if spec.suspend else None,
             ttl_strategy=ttl_strategy,

@@ -5,7 +5,10 @@ Two resource steps replace the train pod when `resources.nodes > 1`:
 2. `train` creates a RayJob (ray.io/v1): a Ray cluster of `nodes` pods with
    `gpusPerNode` GPUs each, whose entrypoint is `psft train --config /psft/stage.json`
    (fixed words only; the config file comes from the ConfigMap), and waits until the
-   RayJob reports success or failure. KubeRay retries the job `backoffLimit` times.
+   RayJob ends (RAYJOB_SUCCESS, RAYJOB_FAILURE). KubeRay retries the job `backoffLimit`
+   times; spec.activeDeadlineSeconds bounds the step and the RayJob.
+Validation refuses `resources.nodes > 1` until the multi-node launcher is written, so
+only a job parsed without validate_job's rules renders these steps (the tests do).
 Gang scheduling: the RayJob carries the queue label of Kueue, or Volcano's scheduler and
 queue labels that KubeRay turns into a PodGroup, when the spec names them.
 """
@@ -24,8 +27,22 @@ from psft.workflows.spec import PSFTJob
 RAY_API_VERSION = "ray.io/v1"
 RAY_CONFIG_TASK = "train-config"
 ENTRYPOINT = f"psft train --config {argo.CONFIG_PATH}"
-RAYJOB_SUCCESS = "status.jobStatus == SUCCEEDED"
-RAYJOB_FAILURE = "status.jobDeploymentStatus == Failed"
+RAYJOB_SUCCESS = "status.jobDeploymentStatus == Complete, status.jobStatus == SUCCEEDED"
+"""The Ray job succeeded and KubeRay is done with it (the submitter finished)."""
+RAYJOB_FAILURE = (
+    "status.jobDeploymentStatus in (Failed, ValidationFailed), status.jobStatus == STOPPED"
+)
+"""Every other end of a RayJob. Argo parses both conditions as label selectors, but
+evaluates them differently (argo-workflows workflow/executor/resource.go,
+matchConditions): the step succeeds when ALL success requirements match and fails as
+soon as ANY failure requirement does, and failure is checked first. KubeRay's ends:
+- jobDeploymentStatus `Failed`: retries (spec.backoffLimit) used up, the deadline passed,
+  or submission failed. KubeRay writes `Failed` only once no retry is left; between
+  retries it is `Retrying`, while jobStatus still reads FAILED, which is why jobStatus
+  FAILED alone is not a failure here;
+- jobDeploymentStatus `ValidationFailed` (KubeRay >= 1.5): the RayJob was refused;
+- jobStatus `STOPPED` (jobDeploymentStatus then `Complete`): the Ray job was stopped;
+  KubeRay never retries it."""
 RAY_METRICS_PORT_NAME = "psft-metrics"
 RAYJOB_TTL_SECONDS = 600
 """Seconds KubeRay keeps the finished Ray cluster's RayJob object (logs for debugging)."""
@@ -108,11 +125,17 @@ def rayjob(job: PSFTJob, stage: Stage) -> dict[str, Any]:
     elif r.queue:
         labels[argo.KUEUE_QUEUE_LABEL] = r.queue
     workers = r.nodes - 1
+    deadline = {}
+    if job.spec.active_deadline_seconds is not None:
+        # the Workflow's deadline stops only the step's pod: KubeRay itself must stop the
+        # Ray cluster (it then reports Failed, reason DeadlineExceeded, and does not retry)
+        deadline["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
     return {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayJob",
         "metadata": {"name": rayjob_name(job, stage), "labels": labels},
         "spec": {
+            **deadline,
             "entrypoint": ENTRYPOINT,
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
@@ -151,6 +174,7 @@ def ray_config_template(job: PSFTJob, stage: Stage) -> m.Template:
             manifest=_manifest(config_map(job, stage)),
             set_owner_reference=True,
         ),
+        active_deadline_seconds=argo.active_deadline(job),
     )
 
 
@@ -165,4 +189,5 @@ def ray_train_template(job: PSFTJob, stage: Stage) -> m.Template:
             success_condition=RAYJOB_SUCCESS,
             failure_condition=RAYJOB_FAILURE,
         ),
+        active_deadline_seconds=argo.active_deadline(job),
     )

@@ -92,11 +92,15 @@ input artifact, never on a command line.
   {argo.RETRY_BACKOFF_CAP} (Argo 3.7+). However long a stage has run, it can still be
   retried. Training resumes from its latest checkpoint (`psft.saveEvery`).
 - `ttlSecondsAfterFinished` sets the Workflow's TTL per outcome; `suspend` suspends it.
+- `activeDeadlineSeconds` is the Workflow's deadline (Argo stops it and the job fails)
+  and that of every stage template and of a multi-node RayJob. Unset, a job may run
+  for as long as it takes.
 - Multi-node training is refused by validation until its launcher is written. The
   renderer is ready for it: with `resources.nodes` > 1 the train stage is a KubeRay
   `RayJob` (`ray.io/v1`): one head and `nodes - 1` workers with `gpusPerNode` GPUs each,
-  entrypoint `{argo_ray.ENTRYPOINT}`; the step waits for `{argo_ray.RAYJOB_SUCCESS}` or
-  `{argo_ray.RAYJOB_FAILURE}`, and KubeRay retries it `backoffLimit` times.
+  entrypoint `{argo_ray.ENTRYPOINT}`. KubeRay retries it `backoffLimit` times; the step
+  succeeds when all of `{argo_ray.RAYJOB_SUCCESS}` hold and fails as soon as any of
+  `{argo_ray.RAYJOB_FAILURE}` does (Argo reads a failure condition's comma as *or*).
 - Stages report progress through Argo's `$ARGO_PROGRESS_FILE` and leave small JSON
   results in the output parameters `{argo.METRICS_PARAMETER}` (train, grpo) and
   `{argo.EVAL_PARAMETER}` (eval), which the operator mirrors into `status`.

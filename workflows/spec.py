@@ -346,6 +346,10 @@ class PSFTJobSpec(Section):
     """What a spec change after start does: `Never` refuses it, `OnSpecChange` restarts."""
     backoff_limit: Annotated[int, Field(ge=0)] = 3
     """Retries of a stage after infrastructure failures (eviction, node loss, signals)."""
+    active_deadline_seconds: Annotated[int, Field(gt=0, le=2_147_483_647)] | None = None
+    """Cluster only: seconds the whole job may run, every stage, retry and wait included,
+    before Argo stops it and the job fails. Each stage pod and a multi-node RayJob get the
+    same limit. Unset: no limit. `psft run` ignores it."""
     ttl_seconds_after_finished: TTLSpec = Field(default_factory=TTLSpec)
 
 

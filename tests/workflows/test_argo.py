@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -313,8 +314,8 @@ def test_multi_node_training_is_a_rayjob() -> None:
 
     step = templates(wf)["train"]["resource"]
     assert step["action"] == "create" and step["setOwnerReference"] is True
-    assert step["successCondition"] == "status.jobStatus == SUCCEEDED"
-    assert step["failureCondition"] == "status.jobDeploymentStatus == Failed"
+    assert step["successCondition"] == argo_ray.RAYJOB_SUCCESS
+    assert step["failureCondition"] == argo_ray.RAYJOB_FAILURE
     ray = yaml.safe_load(step["manifest"])
     assert ray["apiVersion"] == "ray.io/v1" and ray["kind"] == "RayJob"
     assert ray["metadata"]["name"] == "psft-qwen-train"
@@ -334,6 +335,91 @@ def test_multi_node_training_is_a_rayjob() -> None:
         assert container["ports"][0]["name"] == argo_ray.RAY_METRICS_PORT_NAME
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
         kubernetes_validate.validate(pod_template | {"template": template}, K8S, strict=True)
+
+
+def selector_requirements(condition: str) -> list[tuple[str, set[str]]]:
+    """(key, allowed values) of each requirement of a resource-step condition, for the two
+    label-selector forms the RayJob step uses: `key == value` and `key in (a, b)`."""
+    out = []
+    for part in re.split(r",\s*(?![^()]*\))", condition):
+        if match := re.fullmatch(r"([\w.]+) == (\w+)", part.strip()):
+            out.append((match[1], {match[2]}))
+        elif match := re.fullmatch(r"([\w.]+) in \((\w+(?:, \w+)*)\)", part.strip()):
+            out.append((match[1], set(match[2].split(", "))))
+        else:
+            raise AssertionError(f"requirement {part!r} is not of a form this test reads")
+    return out
+
+
+def rayjob_step_outcome(status: dict[str, Any]) -> str:
+    """What Argo's resource step does on a RayJob with this status (argo-workflows
+    workflow/executor/resource.go, matchConditions): failed as soon as ANY failure
+    requirement matches (checked first), succeeded when ALL success requirements match.
+    `==` and `in` need the field to exist, as in Kubernetes label selectors."""
+    obj = {"status": status}
+
+    def matches(key: str, values: set[str]) -> bool:
+        node: Any = obj
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node in values
+
+    if any(matches(*r) for r in selector_requirements(argo_ray.RAYJOB_FAILURE)):
+        return "failed"
+    if all(matches(*r) for r in selector_requirements(argo_ray.RAYJOB_SUCCESS)):
+        return "succeeded"
+    return "waiting"
+
+
+@pytest.mark.parametrize(
+    ("deployment", "job_status", "outcome"),
+    [
+        (None, None, "waiting"),  # just created
+        ("Initializing", None, "waiting"),
+        ("Suspended", None, "waiting"),  # Kueue has not admitted it yet
+        ("Running", "RUNNING", "waiting"),
+        ("Running", "SUCCEEDED", "waiting"),  # the submitter has not finished yet
+        ("Retrying", "FAILED", "waiting"),  # KubeRay retries it (backoffLimit)
+        ("Complete", "SUCCEEDED", "succeeded"),
+        ("Complete", "STOPPED", "failed"),  # `ray job stop`: never retried
+        ("Failed", "FAILED", "failed"),  # retries used up
+        ("Failed", "RUNNING", "failed"),  # activeDeadlineSeconds passed
+        ("Failed", None, "failed"),  # submission failed
+        ("ValidationFailed", None, "failed"),  # KubeRay >= 1.5 refused the spec
+    ],
+)
+def test_every_end_of_a_rayjob_ends_the_step(
+    deployment: str | None, job_status: str | None, outcome: str
+) -> None:
+    status = {"jobDeploymentStatus": deployment, "jobStatus": job_status}
+    status = {k: v for k, v in status.items() if v is not None}
+    assert rayjob_step_outcome(status) == outcome
+
+
+def test_active_deadline_bounds_the_workflow_its_stages_and_the_rayjob() -> None:
+    day = 86400
+    wf = render(activeDeadlineSeconds=day)
+    assert wf["spec"]["activeDeadlineSeconds"] == day
+    stages = [t for name, t in templates(wf).items() if name != "psft"]
+    assert stages and all(t["activeDeadlineSeconds"] == day for t in stages)
+    ray_wf = render_multi_node(resources={"nodes": 2}, activeDeadlineSeconds=day)
+    assert argo.check_workflow(ray_wf) == []
+    ray_steps = templates(ray_wf)
+    assert ray_steps["train"]["activeDeadlineSeconds"] == day
+    assert ray_steps["train-config"]["activeDeadlineSeconds"] == day
+    ray = yaml.safe_load(ray_steps["train"]["resource"]["manifest"])
+    assert ray["spec"]["activeDeadlineSeconds"] == day
+
+    plain = render()
+    assert "activeDeadlineSeconds" not in json.dumps(plain)
+    plain_ray = yaml.safe_load(
+        templates(render_multi_node(resources={"nodes": 2}))["train"]["resource"]["manifest"]
+    )
+    assert "activeDeadlineSeconds" not in plain_ray["spec"]
+    for bad in (0, -5):
+        with pytest.raises(InvalidJob) as exc:
+            validate_job(s3_doc(activeDeadlineSeconds=bad))
+        assert [e.path for e in exc.value.errors] == ["spec.activeDeadlineSeconds"]
 
 
 def test_longest_job_name_keeps_child_names_valid() -> None:
