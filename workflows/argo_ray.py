@@ -15,6 +15,7 @@ queue labels that KubeRay turns into a PodGroup, when the spec names them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -44,12 +45,24 @@ soon as ANY failure requirement does, and failure is checked first. KubeRay's en
 - jobStatus `STOPPED` (jobDeploymentStatus then `Complete`): the Ray job was stopped;
   KubeRay never retries it."""
 RAY_METRICS_PORT_NAME = "psft-metrics"
+RAYJOB_NAME_MAX = 47
+"""KubeRay refuses longer RayJob names: it names the RayCluster `<rayjob>-<5 random>`
+and caps RayCluster names at 53 (MaxRayJobNameLength in ray-operator/controllers/ray/
+utils/constant.go, KubeRay 1.4-1.7)."""
 RAYJOB_TTL_SECONDS = 600
 """Seconds KubeRay keeps the finished Ray cluster's RayJob object (logs for debugging)."""
 
 
 def rayjob_name(job: PSFTJob, stage: Stage) -> str:
-    return f"{argo.workflow_name(job)}-{stage.name}"
+    """`psft-<job>-<stage>` when that fits RAYJOB_NAME_MAX, else its start, 8 hex digits of
+    the full name's SHA-256 and the stage: deterministic, distinct per job, and a DNS-1035
+    label (it starts with `psft-` and ends with the stage name)."""
+    name = f"{argo.workflow_name(job)}-{stage.name}"
+    if len(name) <= RAYJOB_NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = name[: RAYJOB_NAME_MAX - len(digest) - len(stage.name) - 2].rstrip("-")
+    return f"{head}-{digest}-{stage.name}"
 
 
 def config_map_name(job: PSFTJob, stage: Stage) -> str:

@@ -422,15 +422,63 @@ def test_active_deadline_bounds_the_workflow_its_stages_and_the_rayjob() -> None
         assert [e.path for e in exc.value.errors] == ["spec.activeDeadlineSeconds"]
 
 
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+def all_labels(wf: dict[str, Any]) -> list[dict[str, str]]:
+    """Every label map of a Workflow, of its templates and of the objects its steps create."""
+    found = [wf["metadata"]["labels"], wf["spec"]["podMetadata"]["labels"]]
+    for template in wf["spec"]["templates"]:
+        found.append((template.get("metadata") or {}).get("labels") or {})
+        if "resource" in template:
+            manifest = yaml.safe_load(template["resource"]["manifest"])
+            found.append(manifest["metadata"]["labels"])
+            cluster = manifest.get("spec", {}).get("rayClusterSpec", {})
+            groups = [cluster.get("headGroupSpec"), *cluster.get("workerGroupSpecs", [])]
+            found += [g["template"]["metadata"]["labels"] for g in groups if g]
+    return found
+
+
 def test_longest_job_name_keeps_child_names_valid() -> None:
-    doc = s3_doc(resources={"nodes": 2})
-    doc["metadata"]["name"] = "a" * 52
-    wf = argo.render_workflow(PSFTJob.model_validate(doc))
-    assert len(wf["metadata"]["name"]) <= 63
-    ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])
-    assert len(ray["metadata"]["name"]) <= 63
-    for value in ray["metadata"]["labels"].values():
-        assert len(value) <= 63
+    # 52 characters, the most metadata.name allows; the cut of the last two falls on a "-"
+    names = ["a" * 52, "a" * 26 + "-" + "b" * 25, "a" * 26 + "-" + "c" * 25]
+    rayjobs = []
+    for name in names:
+        doc = s3_doc(resources={"nodes": 2}, grpo={"enabled": True, "prompts": ["s3://d/p"]})
+        doc["metadata"]["name"] = name
+        job = PSFTJob.model_validate(doc)
+        wf = argo.render_workflow(job)
+        # the Workflow name is also the value of Argo's workflows.argoproj.io/workflow label
+        assert len(wf["metadata"]["name"]) <= 63
+        for template in wf["spec"]["templates"]:
+            # Argo's pod names (POD_NAMES=v2): <workflow>-<template>-<fnv32 of the node>
+            pod_name = f"{wf['metadata']['name']}-{template['name']}-{2**32 - 1}"
+            assert len(pod_name) <= 253 and DNS_1123_SUBDOMAIN.fullmatch(pod_name)
+        steps = templates(wf)
+        ray = yaml.safe_load(steps["train"]["resource"]["manifest"])
+        config_map = yaml.safe_load(steps["train-config"]["resource"]["manifest"])
+        ray_name = ray["metadata"]["name"]
+        assert len(ray_name) <= argo_ray.RAYJOB_NAME_MAX == 47, ray_name
+        assert DNS_1035.fullmatch(ray_name) and ray_name.endswith("-train"), ray_name
+        # the RayCluster KubeRay derives from it: <rayjob>-<5 characters>, at most 53
+        assert len(ray_name) + 6 <= 53
+        assert argo.render_workflow(job) == wf  # deterministic
+        assert len(config_map["metadata"]["name"]) <= 253
+        assert DNS_1123_SUBDOMAIN.fullmatch(config_map["metadata"]["name"])
+        volumes = ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+        (config_volume,) = [v for v in volumes if v["name"] == "stage-config"]
+        assert config_volume["configMap"]["name"] == config_map["metadata"]["name"]
+        for labels in all_labels(wf):
+            for key, value in labels.items():
+                assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), (key, value)
+        rayjobs.append(ray_name)
+    assert len(set(rayjobs)) == len(names), rayjobs
+    short = yaml.safe_load(
+        templates(render_multi_node(resources={"nodes": 2}))["train"]["resource"]["manifest"]
+    )
+    assert short["metadata"]["name"] == "psft-qwen-train"
 
 
 def test_volcano_rayjob_labels() -> None:
