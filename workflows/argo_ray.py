@@ -49,8 +49,10 @@ RAYJOB_NAME_MAX = 47
 """KubeRay refuses longer RayJob names: it names the RayCluster `<rayjob>-<5 random>`
 and caps RayCluster names at 53 (MaxRayJobNameLength in ray-operator/controllers/ray/
 utils/constant.go, KubeRay 1.4-1.7)."""
-RAYJOB_TTL_SECONDS = 600
-"""Seconds KubeRay keeps the finished Ray cluster's RayJob object (logs for debugging)."""
+RAYJOB_TTL_SECONDS = 0
+"""Seconds KubeRay keeps the Ray cluster after the job ends (with shutdownAfterJobFinishes):
+none, since the cluster holds every GPU of the job. The RayJob object, with its status
+and message, stays until the Workflow that owns it is deleted."""
 
 
 def rayjob_name(job: PSFTJob, stage: Stage) -> str:

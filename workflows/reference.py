@@ -101,6 +101,8 @@ input artifact, never on a command line.
   entrypoint `{argo_ray.ENTRYPOINT}`. KubeRay retries it `backoffLimit` times; the step
   succeeds when all of `{argo_ray.RAYJOB_SUCCESS}` hold and fails as soon as any of
   `{argo_ray.RAYJOB_FAILURE}` does (Argo reads a failure condition's comma as *or*).
+  KubeRay deletes the Ray cluster as soon as the job ends; the RayJob stays with the
+  Workflow.
 - Stages report progress through Argo's `$ARGO_PROGRESS_FILE` and leave small JSON
   results in the output parameters `{argo.METRICS_PARAMETER}` (train, grpo) and
   `{argo.EVAL_PARAMETER}` (eval), which the operator mirrors into `status`.

@@ -322,6 +322,9 @@ def test_multi_node_training_is_a_rayjob() -> None:
     assert ray["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert ray["spec"]["entrypoint"] == "psft train --config /psft/config/stage.json"
     assert ray["spec"]["backoffLimit"] == 2
+    # the Ray cluster (every GPU of the job) goes as soon as the job ends
+    assert ray["spec"]["shutdownAfterJobFinishes"] is True
+    assert ray["spec"]["ttlSecondsAfterFinished"] == 0
     cluster = ray["spec"]["rayClusterSpec"]
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
