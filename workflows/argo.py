@@ -54,6 +54,14 @@ RETRY_EXPRESSION = (
 """Retry only infrastructure failures: Argo errors (pod deleted, node lost) and deaths by
 signal (exit code >= 128: OOM kill, eviction, preemption). A stage that exits 1 or 2 is
 an application failure and fails the job at once."""
+MODEL_STAGE_KINDS = frozenset({"train", "eval", "grpo"})
+"""Stages that load the model: they get spec.resources' CPU, memory and GPUs, and its
+nodeSelector, tolerations and priorityClassName."""
+LIGHT_STAGE_CPU = "2"
+LIGHT_STAGE_MEMORY = "8Gi"
+"""CPU and memory (request; memory is also the limit) of prepare (reads and tokenises the
+data with the tokenizer only) and report (reads metrics, draws plots). They get no GPU
+and none of spec.resources' placement, so they run on any node."""
 RETRY_BACKOFF = "30s"
 """Delay before the first retry of a stage; each later one doubles it."""
 RETRY_BACKOFF_CAP = "10m"
@@ -137,17 +145,40 @@ def stage_config_json(job: PSFTJob, stage: Stage) -> str:
     return config.model_dump_json(by_alias=True, exclude_none=True)
 
 
+def runs_model(stage: Stage) -> bool:
+    """Whether a stage loads the model to train, evaluate or roll out (MODEL_STAGE_KINDS)."""
+    return stage.kind in MODEL_STAGE_KINDS
+
+
 def stage_gpus(job: PSFTJob, stage: Stage) -> int:
     return 0 if job.spec.resources.device == "cpu" else stage.gpus
 
 
-def resources(job: PSFTJob, gpus: int) -> m.ResourceRequirements:
+def resources(job: PSFTJob, stage: Stage) -> m.ResourceRequirements:
+    """spec.resources' CPU, memory and GPUs for a stage that runs the model; the small
+    LIGHT_STAGE_CPU / LIGHT_STAGE_MEMORY for prepare and report."""
     r = job.spec.resources
-    requests = {"cpu": m.Quantity(r.cpu), "memory": m.Quantity(r.memory)}
-    limits = {"memory": m.Quantity(r.memory)}
+    cpu, memory = (r.cpu, r.memory) if runs_model(stage) else (LIGHT_STAGE_CPU, LIGHT_STAGE_MEMORY)
+    requests = {"cpu": m.Quantity(cpu), "memory": m.Quantity(memory)}
+    limits = {"memory": m.Quantity(memory)}
+    gpus = stage_gpus(job, stage)
     if gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = m.Quantity(str(gpus))
     return m.ResourceRequirements(requests=requests, limits=limits)
+
+
+def placement(job: PSFTJob, stage: Stage) -> dict[str, Any]:
+    """nodeSelector, tolerations and priorityClassName of a stage's template: the spec's
+    for a stage that runs the model, none for prepare and report, which then schedule on
+    any node instead of waiting for (and holding a slot on) a GPU node."""
+    r = job.spec.resources
+    if not runs_model(stage):
+        return {}
+    return {
+        "node_selector": dict(r.node_selector) or None,
+        "tolerations": [m.Toleration(**t.model_dump()) for t in r.tolerations] or None,
+        "priority_class_name": r.priority_class_name,
+    }
 
 
 def env(job: PSFTJob, stage: Stage) -> list[m.EnvVar]:
@@ -221,7 +252,7 @@ def stage_container(job: PSFTJob, stage: Stage) -> m.Container:
         command=["psft"],
         args=[stage.kind, "--config", CONFIG_PATH],
         env=env(job, stage),
-        resources=resources(job, stage_gpus(job, stage)),
+        resources=resources(job, stage),
         volume_mounts=volume_mounts(),
         ports=ports,
         security_context=container_security(),
@@ -284,6 +315,7 @@ def stage_template(job: PSFTJob, stage: Stage) -> m.Template:
         outputs=stage_outputs(stage),
         retry_strategy=retry_strategy(job),
         active_deadline_seconds=active_deadline(job),
+        **placement(job, stage),
     )
 
 
@@ -342,9 +374,8 @@ def build_workflow(job: PSFTJob) -> m.Workflow:
                 labels={**job_labels(job, component="stage"), **queue_labels},
                 annotations=queue_annotations or None,
             ),
-            node_selector=dict(r.node_selector) or None,
-            tolerations=[m.Toleration(**t.model_dump()) for t in r.tolerations] or None,
-            pod_priority_class_name=r.priority_class_name,
+            # nodeSelector, tolerations and priority class are per template (placement):
+            # here they would also apply to prepare, report and resource-step pods
             scheduler_name=r.scheduler_name,
             security_context=pod_security(),
             volumes=volumes(job),

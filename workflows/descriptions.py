@@ -35,9 +35,12 @@ FALLBACK: dict[str, str] = {
     "PSFTSpec.weight_decay": "AdamW decoupled weight decay.",
     "PSFTSpec.seed": "Seed of data order, dropout and initial state; equal seeds repeat a run.",
     "ResourcesSpec.image_pull_policy": "Pull policy of the trainer image.",
-    "ResourcesSpec.node_selector": "Node labels the stage pods must match.",
-    "ResourcesSpec.tolerations": "Taints the stage pods tolerate (e.g. GPU node taints).",
-    "ResourcesSpec.priority_class_name": "PriorityClass of the stage pods.",
+    "ResourcesSpec.node_selector": "Node labels the train, eval and grpo pods must match "
+    "(prepare and report run on any node).",
+    "ResourcesSpec.tolerations": "Taints the train, eval and grpo pods tolerate (e.g. GPU node "
+    "taints); prepare and report get none.",
+    "ResourcesSpec.priority_class_name": "PriorityClass of the train, eval and grpo pods "
+    "(prepare and report get none).",
     "ResourcesSpec.service_account_name": "ServiceAccount of the stage pods (e.g. for cloud "
     "storage identity); the namespace default when unset.",
     "Toleration.key": "Taint key to tolerate; empty with operator Exists matches every taint.",

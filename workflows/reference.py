@@ -75,14 +75,17 @@ prints it. Each stage is a DAG task whose pod runs `psft <stage> --config
 {argo.CONFIG_PATH}`; the stage config (the whole job with defaults filled) arrives as an
 input artifact, never on a command line.
 
-- Pods carry the labels `{argo.JOB_LABEL}: <name>` and `{argo.STAGE_LABEL}: <stage>`, request
-  `resources.cpu`/`memory` and, for train, eval and grpo, `resources.gpusPerNode`
-  `nvidia.com/gpu` (none when `resources.device` is `cpu`). `/dev/shm` is an in-memory
-  volume of `resources.shmSize`. Pods run non-root as UID {argo.RUN_AS} with a read-only root
-  file system.
-- `resources.nodeSelector`, `tolerations`, `priorityClassName` and `schedulerName` apply to
-  every stage pod; `resources.queue` becomes the Kueue label `{argo.KUEUE_QUEUE_LABEL}`, or
-  Volcano's annotation `{argo.VOLCANO_QUEUE_ANNOTATION}` when `schedulerName` is `volcano`.
+- Pods carry the labels `{argo.JOB_LABEL}: <name>` and `{argo.STAGE_LABEL}: <stage>`. The
+  stages that load the model (train, eval, grpo) request `resources.cpu`/`memory` and
+  `resources.gpusPerNode` `nvidia.com/gpu` (none when `resources.device` is `cpu`);
+  prepare and report request {argo.LIGHT_STAGE_CPU} CPU and {argo.LIGHT_STAGE_MEMORY}, and no GPU.
+  `/dev/shm` is an in-memory volume of `resources.shmSize`. Pods run non-root as UID
+  {argo.RUN_AS} with a read-only root file system.
+- `resources.nodeSelector`, `tolerations` and `priorityClassName` apply to the train, eval
+  and grpo pods only (and to the Ray pods of a RayJob), so prepare, report and the pods of
+  resource steps schedule on any node. `schedulerName` applies to every pod;
+  `resources.queue` becomes the Kueue label `{argo.KUEUE_QUEUE_LABEL}`, or Volcano's
+  annotation `{argo.VOLCANO_QUEUE_ANNOTATION}` when `schedulerName` is `volcano`.
 - Pods use the service account `resources.serviceAccountName`, else
   `{argo.DEFAULT_SERVICE_ACCOUNT}` (created by the chart). S3 keys come from
   `storage.s3.secretRef` as `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.

@@ -188,9 +188,11 @@ class ResourcesSpec(Section):
     """Trainer image for the stage pods."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     cpu: str = "8"
-    """CPU request per pod (Kubernetes quantity)."""
+    """CPU request of each train, eval and grpo pod (Kubernetes quantity); prepare and
+    report ask for 2."""
     memory: str = "64Gi"
-    """Memory request per pod (Kubernetes quantity)."""
+    """Memory request and limit of each train, eval and grpo pod (Kubernetes quantity);
+    prepare and report ask for 8Gi."""
     shm_size: str = "16Gi"
     """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than 64Mi)."""
     node_selector: dict[str, str] = Field(default_factory=dict)

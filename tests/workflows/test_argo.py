@@ -89,6 +89,9 @@ def pod_of(wf: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     ):
         if src in spec:
             pod_spec[dst] = spec[src]
+    for key in ("nodeSelector", "tolerations", "priorityClassName", "schedulerName"):
+        if key in template:  # a template's own value wins, as in Argo
+            pod_spec[key] = template[key]
     labels = {**spec["podMetadata"]["labels"], **template["metadata"]["labels"]}
     return {
         "apiVersion": "v1",
@@ -181,6 +184,13 @@ def test_s3_keys_come_from_the_secret_only() -> None:
         assert "parameters" not in template.get("inputs", {})
 
 
+GPU_PLACEMENT = {
+    "nodeSelector": {"gpu": "h100"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "priorityClassName": "training",
+}
+
+
 def test_pods_resources_scheduling_and_security() -> None:
     wf = render(
         resources={
@@ -188,22 +198,14 @@ def test_pods_resources_scheduling_and_security() -> None:
             "cpu": "16",
             "memory": "128Gi",
             "shmSize": "32Gi",
-            "nodeSelector": {"gpu": "h100"},
-            "tolerations": [
-                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-            ],
-            "priorityClassName": "training",
+            **GPU_PLACEMENT,
             "schedulerName": "volcano",
             "queue": "team-a",
             "serviceAccountName": "trainer",
         }
     )
     spec = wf["spec"]
-    assert spec["nodeSelector"] == {"gpu": "h100"}
-    assert spec["tolerations"] == [
-        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
-    ]
-    assert spec["podPriorityClassName"] == "training" and spec["schedulerName"] == "volcano"
+    assert spec["schedulerName"] == "volcano"
     assert spec["serviceAccountName"] == "trainer"
     assert spec["podMetadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "team-a"}
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -217,11 +219,49 @@ def test_pods_resources_scheduling_and_security() -> None:
         gpus = container["resources"]["requests"].get("nvidia.com/gpu")
         assert gpus == ("4" if name in ("train", "eval") else None), name
         assert container["resources"]["limits"].get("nvidia.com/gpu") == gpus
-        assert container["resources"]["requests"]["cpu"] == "16"
         assert {"mountPath": "/dev/shm", "name": "dshm"} in container["volumeMounts"]
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["ports"] == [{"containerPort": 9400, "name": "metrics", "protocol": "TCP"}]
         kubernetes_validate.validate(pod_of(wf, template), K8S, strict=True)
+
+
+def test_only_model_stages_get_the_training_size_and_gpu_placement() -> None:
+    wf = render(
+        resources={"gpusPerNode": 8, "cpu": "64", "memory": "512Gi", **GPU_PLACEMENT},
+        grpo={"enabled": True, "prompts": ["s3://d/p.parquet"]},
+    )
+    spec = wf["spec"]
+    # at the Workflow level they would reach every pod, resource-step pods included
+    for key in ("nodeSelector", "tolerations", "podPriorityClassName", "affinity"):
+        assert key not in spec, key
+    stages = {name: t for name, t in templates(wf).items() if name != "psft"}
+    assert set(stages) == {"prepare", "train", "eval", "grpo", "eval-grpo", "report"}
+    for name, template in stages.items():
+        pod = pod_of(wf, template)["spec"]
+        requests = template["container"]["resources"]["requests"]
+        limits = template["container"]["resources"]["limits"]
+        if name in ("prepare", "report"):
+            assert requests == {"cpu": "2", "memory": "8Gi"}, name
+            assert limits == {"memory": "8Gi"}, name
+            for key in GPU_PLACEMENT:
+                assert key not in pod, (name, key)
+        else:
+            assert requests == {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}, name
+            assert limits == {"memory": "512Gi", "nvidia.com/gpu": "8"}, name
+            for key, value in GPU_PLACEMENT.items():
+                assert pod[key] == value, (name, key)
+    # the pods of resource steps (ConfigMap, RayJob) carry no GPU placement either
+    ray_wf = render_multi_node(resources={"nodes": 2, **GPU_PLACEMENT})
+    assert argo.check_workflow(ray_wf) == []
+    for name in ("train-config", "train"):
+        step = templates(ray_wf)[name]
+        for key in (*GPU_PLACEMENT, "podPriorityClassName"):
+            assert key not in step and key not in ray_wf["spec"], (name, key)
+    # the Ray pods themselves are training pods
+    ray = yaml.safe_load(templates(ray_wf)["train"]["resource"]["manifest"])
+    head = ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    for key, value in GPU_PLACEMENT.items():
+        assert head[key] == value, key
 
 
 def test_kueue_queue_label_and_cpu_device_requests_no_gpu() -> None:
