@@ -574,6 +574,48 @@ def test_example_retries_have_no_max_duration_and_follow_backoff_limit() -> None
     assert retried
 
 
+ARGO_V4_REMOVED = frozenset({"semaphore", "mutex", "podPriority"})
+"""Workflow keys Argo v4 removed (docs/upgrading.md: singular `semaphore`/`mutex` in
+synchronization, `podPriority`); `semaphores`, `mutexes` and `podPriorityClassName` stay."""
+
+
+def removed_keys(value: Any, path: str = "") -> list[str]:
+    """Paths of ARGO_V4_REMOVED keys anywhere in a manifest, resource steps' ones too."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if key in ARGO_V4_REMOVED:
+                found.append(where)
+            if key == "manifest" and isinstance(item, str):
+                item = yaml.safe_load(item)
+            found += removed_keys(item, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += removed_keys(item, f"{path}[{i}]")
+    return found
+
+
+def test_no_example_workflow_uses_what_argo_v4_removed() -> None:
+    rendered = rendered_examples()
+    assert len(rendered) >= 5
+    for path, _, wf in rendered:
+        assert removed_keys(wf) == [], path.name
+    # the walk does find them, also inside a resource step's manifest
+    planted = copy.deepcopy(rendered[0][2])
+    planted["spec"]["synchronization"] = {"semaphore": {"configMapKeyRef": {"key": "k"}}}
+    planted["spec"]["podPriority"] = 1
+    planted["spec"]["templates"].append(
+        {"name": "x", "resource": {"manifest": json.dumps({"spec": {"mutex": {"name": "m"}}})}}
+    )
+    last = len(planted["spec"]["templates"]) - 1
+    assert sorted(removed_keys(planted)) == [
+        "spec.podPriority",
+        "spec.synchronization.semaphore",
+        f"spec.templates[{last}].resource.manifest.spec.mutex",
+    ]
+
+
 def test_expected_errors_name_existing_examples() -> None:
     assert set(EXPECTED_ERRORS) <= {p.name for p in EXAMPLES}
 
