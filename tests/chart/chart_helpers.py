@@ -6,17 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "psft"
 RELEASE = "psft"
 NAMESPACE = "psft-system"
-
-
-def dependency_versions() -> dict[str, str]:
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    return {d["name"]: d["version"].lstrip("~^=") for d in chart.get("dependencies", [])}
 
 
 Render = Callable[..., list[dict[str, Any]]]
@@ -30,22 +23,15 @@ ALL_ON: dict[str, Any] = {
         "image": {"digest": "sha256:" + "0" * 64},
     },
     "workflows": {"namespaces": ["team-a", "team-b"], "rayJobs": True},
-    "artifactRepository": {
-        "create": True,
-        "s3": {"bucket": "psft-artifacts", "insecure": True},
-    },
     "metrics": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "podMonitor": {"enabled": True},
     },
     "alerts": {"enabled": True, "additionalAlertLabels": {"team": "ml"}},
     "dashboards": {"enabled": True, "annotations": {"grafana_folder": "PSFT"}},
-    "argo-workflows": {"enabled": True},
-    "minio": {"enabled": True},
-    "kube-prometheus-stack": {"enabled": True},
     "commonLabels": {"cost-center": "research"},
 }
-"""Every feature flag of the chart on (the bundled MinIO provides the S3 endpoint)."""
+"""Every feature flag of the chart on."""
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -1,11 +1,8 @@
 """Fixtures for the chart tests: real helm 4.3 on a copy of charts/psft.
 
-The chart declares three optional dependencies (argo-workflows, minio,
-kube-prometheus-stack). Helm refuses to lint or render a chart whose declared
-dependencies are missing from charts/, even when their condition is false, and their
-tarballs cannot be downloaded here. The copy therefore gets empty stand-in charts of the
-same names and versions, each with one marker ConfigMap, so that helm's real dependency
-check and condition handling run and the tests can see which dependency got enabled.
+The chart declares no dependencies, so the copy is the chart as a fresh git checkout has
+it: any local `charts/` folder or `Chart.lock` (left over from an old `helm dependency
+update`) is left out, since helm would load whatever it finds there as sub-charts.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from chart_helpers import CHART, NAMESPACE, RELEASE, Render, dependency_versions
+from chart_helpers import CHART, NAMESPACE, RELEASE, Render
 from k8s_tools import run_tool
 
 
@@ -28,17 +25,6 @@ from k8s_tools import run_tool
 def chart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("chart") / "psft"
     shutil.copytree(CHART, target, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
-    for name, version in dependency_versions().items():
-        sub = target / "charts" / name
-        (sub / "templates").mkdir(parents=True)
-        (sub / "Chart.yaml").write_text(
-            yaml.safe_dump({"apiVersion": "v2", "name": name, "version": version})
-        )
-        (sub / "templates" / "marker.yaml").write_text(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n"
-            f"  name: stand-in-{name}\n  namespace: {{{{ .Release.Namespace }}}}\n"
-            "data: {}\n"
-        )
     return target
 
 

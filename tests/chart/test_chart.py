@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart_helpers import ALL_ON, CHART, NAMESPACE, RELEASE, Render, by_kind, one
-from k8s_tools import run_tool
+from k8s_tools import run_tool, tool_path
 
 from psft.workflows.crd import to_json_schema
 
@@ -54,13 +57,58 @@ def test_lint_strict_defaults_and_all_flags(chart_dir: Path, tmp_path: Path) -> 
     run_tool("helm", "lint", "--strict", str(chart_dir), "--values", str(values))
 
 
+def offline_helm(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """helm with an empty home (no repositories, no cached charts) and unreachable proxies,
+    so that anything it tried to download would fail: an air-gapped machine."""
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+        "KUBECONFIG": str(home / "no-kubeconfig"),
+        **{name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    }
+    return subprocess.run(
+        [str(tool_path("helm")), *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_a_fresh_checkout_lints_renders_and_installs_offline(tmp_path: Path) -> None:
+    """The README's `helm install psft charts/psft -n psft-system --create-namespace` from a
+    fresh clone: no charts/ folder, no `helm dependency update`, no network. Helm refuses a
+    chart whose declared dependencies are missing from charts/, even with their condition
+    false, so this fails as soon as Chart.yaml declares any."""
+    chart = tmp_path / "checkout" / "charts" / "psft"
+    shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("charts", "Chart.lock", "*.tgz"))
+    home = tmp_path / "home"
+    commands = {
+        "lint": ("lint", "--strict", str(chart)),
+        "template": ("template", RELEASE, str(chart), "--namespace", NAMESPACE),
+        "install": (
+            "install", RELEASE, str(chart), "-n", NAMESPACE, "--create-namespace",
+            "--dry-run=client",
+        ),
+    }  # fmt: skip
+    out = {}
+    for name, args in commands.items():
+        proc = offline_helm(home, *args)
+        assert proc.returncode == 0, f"helm {name}: {proc.stdout}\n{proc.stderr}"
+        out[name] = proc.stdout
+    assert not (chart / "charts").exists(), "helm must not have fetched anything"
+    assert "dependencies" not in yaml.safe_load((chart / "Chart.yaml").read_text())
+    docs = [d for d in yaml.safe_load_all(out["template"]) if d]
+    assert one(docs, "Deployment", "operator")["metadata"]["namespace"] == NAMESPACE
+    assert "STATUS: pending-install" in out["install"] and "NOTES:" in out["install"]
+
+
 def test_defaults_render_a_hardened_operator(helm_template: Render) -> None:
     docs = helm_template()
     validate_manifests(docs)
     kinds = sorted(d["kind"] for d in docs)
     assert not PROMETHEUS_OPERATOR_KINDS & set(kinds), "monitoring CRs must be opt-in"
-    assert "ConfigMap" not in kinds, "no artifact repository or dashboards by default"
-    assert not [d for d in docs if d["metadata"]["name"].startswith("stand-in-")]
+    assert "ConfigMap" not in kinds, "no dashboards by default"
 
     deploy = one(docs, "Deployment", "operator")
     assert deploy["metadata"]["namespace"] == NAMESPACE
@@ -110,9 +158,6 @@ def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
     validate_manifests(docs)
     kinds = {d["kind"] for d in docs}
     assert kinds >= PROMETHEUS_OPERATOR_KINDS | {"ConfigMap", "Role", "RoleBinding"}
-    stand_ins = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap")
-    for dep in ("argo-workflows", "minio", "kube-prometheus-stack"):
-        assert f"stand-in-{dep}" in stand_ins, f"condition {dep}.enabled did not enable it"
 
     deploy = one(docs, "Deployment", "operator")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
@@ -127,8 +172,7 @@ def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
     peerings = by_kind(docs, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
     for doc in docs:
-        if not doc["metadata"]["name"].startswith("stand-in-"):
-            assert doc["metadata"]["labels"]["cost-center"] == "research"
+        assert doc["metadata"]["labels"]["cost-center"] == "research"
 
     # operator: a Role per watched namespace, no cluster-wide access to namespaced objects
     roles = [d for d in by_kind(docs, "Role") if d["metadata"]["name"].endswith("-operator")]
@@ -136,19 +180,6 @@ def test_every_flag_on_renders_valid_manifests(helm_template: Render) -> None:
     assert [d["metadata"]["name"] for d in by_kind(docs, "ClusterRole")] == [
         "psft-operator-cluster"
     ]
-
-    # artifact repository: one ConfigMap per workflow namespace, endpoint = bundled MinIO
-    repos = [
-        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "artifact-repositories"
-    ]
-    assert sorted(r["metadata"]["namespace"] for r in repos) == ["team-a", "team-b"]
-    repo = repos[0]
-    key = repo["metadata"]["annotations"]["workflows.argoproj.io/default-artifact-repository"]
-    s3 = yaml.safe_load(repo["data"][key])["s3"]
-    assert s3["endpoint"] == f"{RELEASE}-minio.{NAMESPACE}.svc:9000"
-    assert s3["bucket"] == "psft-artifacts" and s3["insecure"] is True
-    assert s3["keyFormat"] == "psft/{{workflow.namespace}}/{{workflow.name}}/{{pod.name}}"
-    assert s3["accessKeySecret"] == {"name": "psft-s3-credentials", "key": "accessKey"}
 
     monitor = one(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -178,24 +209,11 @@ def test_dashboards_are_configmaps_for_the_grafana_sidecar(helm_template: Render
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (
-            {"artifactRepository": {"create": True}},
-            "/artifactRepository/s3/bucket",
-        ),
-        (
-            {"artifactRepository": {"create": True, "s3": {"bucket": "psft-artifacts"}}},
-            "artifactRepository.s3.endpoint is required",
-        ),
-        (
-            {
-                "artifactRepository": {
-                    "create": True,
-                    "existingConfigMap": "mine",
-                    "s3": {"bucket": "b42", "endpoint": "s3:9000"},
-                }
-            },
-            "not both",
-        ),
+        # removed: the sub-chart flags (prerequisites are installed separately) and the
+        # artifact repository (no PSFTJob Workflow uses an Argo artifact repository)
+        ({"minio": {"enabled": True}}, "'minio' not allowed"),
+        ({"argo-workflows": {"enabled": True}}, "'argo-workflows' not allowed"),
+        ({"artifactRepository": {"create": True}}, "'artifactRepository' not allowed"),
         ({"operator": {"replicas": "two"}}, "/operator/replicas"),
         ({"operator": {"replica": 2}}, "'replica' not allowed"),
         ({"operator": {"replicas": 3, "leaderElection": {"enabled": False}}}, "leaderElection"),
@@ -295,7 +313,8 @@ def test_notes_render(chart_dir: Path, tmp_path: Path, flags: str) -> None:
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "kubectl apply -f examples/qwen2.5-7b-limo.yaml" in notes
     if flags == "all-on":
-        assert "team-a, team-b" in notes and "s3://psft-artifacts" in notes
+        assert "team-a, team-b" in notes and "KubeRay operator (v1.4-1.7" in notes
         assert "PSFTEntropyCollapse" in notes
     else:
-        assert "Argo Workflows is not part of this release" in notes
+        assert "installs none of its prerequisites" in notes
+        assert "Argo Workflows controller (v3.6-4.x)" in notes and "KubeRay" not in notes

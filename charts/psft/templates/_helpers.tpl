@@ -72,27 +72,6 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* Name of the Argo artifact repository ConfigMap the workflows use ("" for Argo's default). */}}
-{{- define "psft.artifactRepositoryConfigMap" -}}
-{{- if .Values.artifactRepository.create }}
-{{- .Values.artifactRepository.configMapName }}
-{{- else }}
-{{- .Values.artifactRepository.existingConfigMap }}
-{{- end }}
-{{- end }}
-
-{{/* S3 endpoint of the artifact repository: the value, else the bundled MinIO service. */}}
-{{- define "psft.artifactEndpoint" -}}
-{{- $s3 := .Values.artifactRepository.s3 }}
-{{- if $s3.endpoint }}
-{{- $s3.endpoint }}
-{{- else if .Values.minio.enabled }}
-{{- printf "%s-minio.%s.svc:9000" .Release.Name .Release.Namespace }}
-{{- else }}
-{{- fail "artifactRepository.s3.endpoint is required when artifactRepository.create is true (host:port of your S3 API), or set minio.enabled=true to use the bundled MinIO" }}
-{{- end }}
-{{- end }}
-
 {{/* Rule: whether the PSFTJobs of all namespaces are watched. */}}
 {{- define "psft.clusterWide" -}}
 {{- if not .Values.operator.watchNamespaces }}true{{- end }}
