@@ -234,7 +234,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={kcm_config}",
                 f"--authorization-kubeconfig={kcm_config}",
                 "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,"
-                "clusterrole-aggregation,podgc",
+                "clusterrole-aggregation,podgc,nodelifecycle",
                 f"--service-account-private-key-file={self.pki['sa_key']}",
                 f"--root-ca-file={self.pki['ca']}",
                 "--leader-elect=false",
