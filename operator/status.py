@@ -93,6 +93,16 @@ def stage_nodes(workflow: Obj | None, stages: Iterable[Stage]) -> dict[str, Obj]
     return found
 
 
+def _last_attempt_message(workflow: Obj | None, node: Obj) -> str:
+    """What went wrong in a stage: a Retry node's own message is Argo's verdict on retrying
+    ("retryStrategy.expression evaluated to false"), its last attempt's is the failure."""
+    nodes = ((workflow or {}).get("status") or {}).get("nodes") or {}
+    children = [nodes[c] for c in node.get("children") or [] if c in nodes]
+    if node.get("type") == "Retry" and children and children[-1].get("message"):
+        return children[-1]["message"]
+    return node.get("message") or ""
+
+
 def _parameter(node: Obj, name: str) -> Any:
     for param in (node.get("outputs") or {}).get("parameters") or []:
         if param.get("name") == name and param.get("value"):
@@ -271,9 +281,11 @@ def desired_status(
             continue
         node_phase = node.get("phase") if node.get("phase") in _NODE_PHASES else "Pending"
         entry = {"phase": node_phase}
-        for key in ("startedAt", "finishedAt", "progress", "message"):
+        for key in ("startedAt", "finishedAt", "progress"):
             if node.get(key):
                 entry[key] = node[key]
+        if message := _last_attempt_message(workflow, node):
+            entry["message"] = message
         stage_status[stage.name] = entry
         if node_phase == "Running" and current is None:
             current = stage.name
@@ -287,7 +299,13 @@ def desired_status(
         if stage.kind == "eval":
             eval_results.update(_eval_results(stage.name, _parameter(node, EVAL_PARAMETER)))
 
-    last = current or next((s.name for s in reversed(stages) if s.name in stage_status), None)
+    ran = [
+        s.name
+        for s in stages
+        if stage_status.get(s.name, {}).get("phase") not in (None, "Omitted", "Skipped")
+    ]
+    failed_first = next((n for n in ran if stage_status[n]["phase"] in ("Failed", "Error")), None)
+    last = current or failed_first or (ran[-1] if ran else None)
     if last:
         status["stage"] = last
         if stage_status[last].get("progress"):
@@ -322,7 +340,7 @@ def desired_status(
         status["message"] = "all stages succeeded"
     elif phase == "Failed":
         failed = [n for n, s in stage_status.items() if s["phase"] in ("Failed", "Error")]
-        detail = wf_message or (stage_status[failed[0]].get("message", "") if failed else "")
+        detail = (stage_status[failed[0]].get("message", "") if failed else "") or wf_message
         where = f"stage {failed[0]} failed" if failed else f"Workflow {wf_phase.lower()}"
         message = f"{where}: {detail}" if detail else where
         conditions.append(cond("Failed", "True", "WorkflowFailed", message))

@@ -71,12 +71,14 @@ def _drive(
     platform: Platform,
     ns: str,
     wf: str,
-    exit_codes: dict[str, int] | None = None,
+    exit_codes: dict[str, list[int]] | None = None,
     timeout: float = 180,
+    placements: dict[str, str] | None = None,
 ) -> list[str]:
-    """Finish each stage pod as it starts (exit 0 unless exit_codes names its template)
-    until the Workflow ends; returns the template names in the order they ran."""
+    """Finish each stage pod as it starts, until the Workflow ends: with the next code of
+    exit_codes[template] while there is one, else 0. Returns the templates as they ran."""
     ran: list[str] = []
+    codes = {k: list(v) for k, v in (exit_codes or {}).items()}
     error: Exception | None = None
 
     def step() -> str | None:
@@ -96,11 +98,13 @@ def _drive(
         for pod in platform.running_pods(ns, wf):
             template = template_name(pod)
             ran.append(template)
-            code = (exit_codes or {}).get(template, 0)
+            if placements is not None:
+                placements[template] = pod["spec"]["nodeName"]
+            code = codes[template].pop(0) if codes.get(template) else 0
             platform.finish_pod(pod, code, OUTPUTS, message=f"exit {code}")
         return None
 
-    wait_for(step, timeout, f"Workflow {ns}/{wf} to finish (ran {ran})")
+    wait_for(step, timeout, f"Workflow {ns}/{wf} to finish")
     if error:
         raise error
     return ran
@@ -149,3 +153,63 @@ def test_an_example_runs_through_every_stage_to_succeeded(platform: Platform, tm
     table = platform.kubectl("get", "psftjobs", "-n", ns).stdout
     assert "Succeeded" in table and "0.83" in table and "0.5" in table, table
     assert job.metadata.name == name
+
+
+def _start(platform: Platform, tmp_path: Path, example: str, name: str) -> tuple[str, str]:
+    doc, path = _example(example, tmp_path, new_name=name)
+    ns = doc["metadata"]["namespace"]
+    platform.apply(path)
+    return ns, _workflow_of(platform, ns, name)["metadata"]["name"]
+
+
+def _job_status(platform: Platform, ns: str, name: str, phase: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (s := platform.job(ns, name).get("status") or {}).get("phase") == phase and s,
+        60,
+        f"the PSFTJob {name} to reach {phase}",
+    )
+
+
+def test_a_train_pod_killed_by_a_signal_is_retried_and_the_job_goes_on(platform, tmp_path):
+    ns, wf = _start(platform, tmp_path, "llama3.1-8b.yaml", "preempted")
+    ran = _drive(platform, ns, wf, {"train": [137]}, timeout=240)
+    assert ran.count("train") == 2, ran  # killed once (137: SIGKILL, OOM, eviction), then done
+    assert platform.workflow(ns, wf)["status"]["phase"] == "Succeeded"
+    status = _job_status(platform, ns, "preempted", "Succeeded")
+    assert status["metrics"]["step"] == 12
+
+
+def test_an_application_failure_fails_the_job_at_once_with_its_message(platform, tmp_path):
+    ns, wf = _start(platform, tmp_path, "llama3.1-8b.yaml", "broken-data")
+    ran = _drive(platform, ns, wf, {"prepare": [2]})
+    assert ran == ["prepare"]  # exit 2 is not retried
+    assert platform.workflow(ns, wf)["status"]["phase"] == "Failed"
+    status = _job_status(platform, ns, "broken-data", "Failed")
+    text = json.dumps(status)
+    assert "prepare" in text and "exit code 2" in text, text
+
+
+def test_retries_carry_no_deadline_from_the_first_attempt(platform, tmp_path):
+    ns, wf = _start(platform, tmp_path, "qwen2.5-7b-limo.yaml", "long-stage")
+    templates = platform.workflow(ns, wf)["spec"]["templates"]
+    assert not [t for t in templates if "maxDuration" in json.dumps(t.get("retryStrategy", {}))]
+    strategies = [t["retryStrategy"] for t in templates if "retryStrategy" in t]
+    assert strategies and all("maxDuration" not in (r.get("backoff") or {}) for r in strategies)
+    nodes: dict[str, str] = {}
+    _drive(platform, ns, wf, placements=nodes)
+    # CPU-only stages stay off the tainted GPU nodes; the model stages land on them
+    assert nodes["prepare"] == nodes["report"] == "cpu-0", nodes
+    assert nodes["train"].startswith("gpu-") and nodes["eval"].startswith("gpu-"), nodes
+
+
+def test_a_job_the_server_accepts_but_validation_refuses_is_marked_invalid(platform, tmp_path):
+    doc, path = _example("multinode.yaml", tmp_path)
+    ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
+    platform.apply(path)  # the CRD's schema and CEL rules admit it
+    status = _job_status(platform, ns, name, "Invalid")
+    assert "spec.resources.nodes" in json.dumps(status)
+    events = platform.kubectl(
+        "get", "events", "-n", ns, f"--field-selector=involvedObject.name={name}", "-o", "json"
+    ).stdout
+    assert "spec.resources.nodes" in events
+    assert not [w for w in platform.workflows(ns) if name in w["metadata"]["name"]]

@@ -178,6 +178,32 @@ def test_failure_names_the_stage(phase):
     assert status["message"] == "stage train failed: exit code 1"
 
 
+def test_a_failed_retry_node_reports_its_last_attempts_message_and_stage():
+    # what Argo 3.7 records (seen on the real controller): the Retry node's own message is
+    # its verdict on retrying; the attempt (a Pod node, its child) holds the failure
+    retry = node(
+        WF,
+        "prepare",
+        "Failed",
+        type="Retry",
+        children=[f"{WF}-prepare-0"],
+        message="retryStrategy.expression evaluated to false",
+    )
+    attempt = node(WF, "prepare(0)", "Failed", message="Error (exit code 2)")
+    attempt["id"] = f"{WF}-prepare-0"
+    omitted = [
+        node(WF, s, "Omitted", message="omitted: depends condition not met")
+        for s in ("train", "eval", "report")
+    ]
+    wf = _workflow(
+        {"phase": "Failed", "message": "child failed", "nodes": nodes(retry, attempt, *omitted)}
+    )
+    status = _status(_body(), wf)
+    assert status["message"] == "stage prepare failed: Error (exit code 2)"
+    assert status["stages"]["prepare"]["message"] == "Error (exit code 2)"
+    assert status["stage"] == "prepare"  # not the last omitted stage
+
+
 def test_suspended_and_refused_change():
     wf = _workflow({"phase": "Running"}, suspend=True)
     assert _status(_body(), wf)["phase"] == "Suspended"

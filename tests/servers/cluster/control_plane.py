@@ -316,7 +316,13 @@ class ControlPlane:
         )
         self._wait("kwok", lambda: self.request("/api/v1/nodes")[0] == 200)
 
-    def add_node(self, name: str, gpus: int = 8, labels: dict[str, str] | None = None) -> None:
+    def add_node(
+        self,
+        name: str,
+        gpus: int = 8,
+        labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
+    ) -> None:
         capacity = {"cpu": "96", "memory": "1Ti", "pods": "110", "ephemeral-storage": "1Ti"}
         if gpus:
             capacity["nvidia.com/gpu"] = str(gpus)
@@ -333,7 +339,7 @@ class ControlPlane:
                 },
                 "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
             },
-            "spec": {},
+            "spec": {"taints": taints or []},
             "status": {"capacity": capacity, "allocatable": capacity},
         }
         self.create("/api/v1/nodes", node)

@@ -38,6 +38,11 @@ REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "psft"
 RELEASE, SYSTEM_NS = "psft", "psft-system"
 WF_LABEL = "workflows.argoproj.io/workflow"
+GPU_NODE_LABELS = {
+    "nvidia.com/gpu.present": "true",
+    "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",  # what the examples select
+}
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
@@ -71,11 +76,13 @@ class Platform:
         return body
 
     # ---- installation ----
-    def install(self, nodes: int = 2) -> Platform:
+    def install(self, gpu_nodes: int = 2) -> Platform:
+        """GPU nodes as GPU operators label and taint them, and one CPU node."""
         plane = self.plane
         plane.start_kwok()
-        for i in range(nodes):
-            plane.add_node(f"gpu-{i}", gpus=8, labels={"nvidia.com/gpu.present": "true"})
+        for i in range(gpu_nodes):
+            plane.add_node(f"gpu-{i}", gpus=8, labels=GPU_NODE_LABELS, taints=[GPU_TAINT])
+        plane.add_node("cpu-0", gpus=0)
         plane.start_argo()
         plane.start_kuberay()
         for ns in self.job_namespaces:
