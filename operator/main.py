@@ -73,7 +73,9 @@ def run_operator(args: argparse.Namespace) -> int:
     where = scope(args.namespace, args.all_namespaces)
     peers = peering(args.peering, args.standalone)
     metrics.serve(args.metrics_port, args.bind_address)
-    liveness = f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
+    liveness = (
+        f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
+    )
     asyncio.run(operate(**where, **peers, liveness_endpoint=liveness))
     return 0
 
