@@ -213,3 +213,65 @@ def test_a_job_the_server_accepts_but_validation_refuses_is_marked_invalid(platf
     ).stdout
     assert "spec.resources.nodes" in events
     assert not [w for w in platform.workflows(ns) if name in w["metadata"]["name"]]
+
+
+def _patch_spec(platform: Platform, ns: str, name: str, spec: dict[str, Any]) -> None:
+    platform.kubectl(
+        "patch", "-n", ns, f"psftjob/{name}", "--type=merge", "-p", json.dumps({"spec": spec})
+    )
+
+
+def test_suspend_resume_and_a_spec_change_refused_then_applied(platform, tmp_path):
+    ns, wf = _start(platform, tmp_path, "llama3.1-8b.yaml", "lifecycle")
+    _patch_spec(platform, ns, "lifecycle", {"suspend": True})
+    wait_for(
+        lambda: platform.workflow(ns, wf)["spec"].get("suspend") is True,
+        30,
+        "the Workflow to be suspended",
+    )
+    _job_status(platform, ns, "lifecycle", "Suspended")
+    _patch_spec(platform, ns, "lifecycle", {"suspend": False})
+    wait_for(lambda: not platform.workflow(ns, wf)["spec"].get("suspend"), 30, "resume")
+
+    _patch_spec(platform, ns, "lifecycle", {"psft": {"learningRate": 2e-6}})  # Never: refused
+    status = wait_for(
+        lambda: (
+            "restartPolicy" in json.dumps(platform.job(ns, "lifecycle").get("status"))
+            and platform.job(ns, "lifecycle")["status"]
+        ),
+        30,
+        "the refusal in the status",
+    )
+    old_uid = platform.workflow(ns, wf)["metadata"]["uid"]
+    assert "OnSpecChange" in json.dumps(status)
+    _patch_spec(platform, ns, "lifecycle", {"restartPolicy": "OnSpecChange"})
+
+    def restarted() -> bool:
+        current = platform.workflow(ns, wf)
+        return current["metadata"]["uid"] != old_uid and not current["metadata"].get(
+            "deletionTimestamp"
+        )
+
+    wait_for(restarted, 90, "the Workflow to be recreated with the new spec")
+    config = platform.workflow(ns, wf)["spec"]["templates"]
+    assert "2e-06" in json.dumps(config) or "2e-6" in json.dumps(config)
+
+
+def test_deleting_a_job_removes_its_workflow_and_pods_through_the_garbage_collector(
+    platform, tmp_path
+):
+    ns, wf = _start(platform, tmp_path, "llama3.1-8b.yaml", "deleted")
+    wait_for(lambda: platform.running_pods(ns, wf), 60, "the first stage pod")
+    owner = platform.workflow(ns, wf)["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "PSFTJob" and owner["name"] == "deleted"
+    platform.kubectl("delete", "-n", ns, "psftjob/deleted", "--wait=true", "--timeout=60s")
+
+    def gone(path: str) -> bool:
+        return platform.plane.request(path)[0] == 404
+
+    wait_for(
+        lambda: gone(f"/apis/argoproj.io/v1alpha1/namespaces/{ns}/workflows/{wf}"),
+        60,
+        "the garbage collector to delete the Workflow",
+    )
+    wait_for(lambda: not platform.pods(ns, wf), 60, "the Workflow's pods to go")
