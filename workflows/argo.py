@@ -3,9 +3,10 @@
 `render_workflow(job)` is pure and deterministic: the same job gives the same manifest,
 so the operator can create it with a fixed name and treat 409 as "adopt". Each stage of
 psft.workflows.pipeline becomes a DAG task whose pod runs `psft <kind> --config
-/psft/stage.json`; the StageConfig JSON arrives as a raw input artifact, so no spec value
-ever reaches a shell. Multi-node training (`resources.nodes > 1`) is a resource step
-that creates a KubeRay RayJob (psft.workflows.argo_ray) and waits for its outcome.
+/psft/config/stage.json.b64`; the StageConfig JSON arrives base64-encoded as a raw input
+artifact, so no spec value ever reaches a shell or Argo's `{{...}}` substitution.
+Multi-node training (`resources.nodes > 1`) is a resource step that creates a KubeRay
+RayJob (psft.workflows.argo_ray) and waits for its outcome.
 
 `check_workflow(manifest)` parses a manifest with hera's models and diffs the round
 trip: hera drops unknown keys silently, so a key it does not know shows up as a loss.
@@ -23,7 +24,7 @@ from hera.workflows import models as m
 from psft.workflows import layout
 from psft.workflows.pipeline import Stage, build_pipeline
 from psft.workflows.spec import API_VERSION, KIND, PSFTJob
-from psft.workflows.stages import stage_config
+from psft.workflows.stages import ENCODED_SUFFIX, encode_stage_config, stage_config
 from psft.workflows.validate import FieldError, InvalidJob
 
 ARGO_API_VERSION = "argoproj.io/v1alpha1"
@@ -39,7 +40,8 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_QUEUE_ANNOTATION = "scheduling.volcano.sh/queue-name"
 
 CONFIG_DIR = "/psft/config"
-CONFIG_PATH = f"{CONFIG_DIR}/stage.json"
+CONFIG_FILE = f"stage.json{ENCODED_SUFFIX}"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 WORK_DIR = "/psft/work"
 RUN_MIRROR = f"{WORK_DIR}/run"
 """Local mirror of the run root inside a pod (StageConfig.workDir)."""
@@ -49,11 +51,15 @@ METRICS_PARAMETER = "metrics"
 EVAL_PARAMETER = "eval-results"
 
 RETRY_EXPRESSION = (
-    'lastRetry.status == "Error" || (lastRetry.exitCode != "" && asInt(lastRetry.exitCode) >= 128)'
+    'lastRetry.status == "Error"'
+    ' || (lastRetry.exitCode != "" && asInt(lastRetry.exitCode) >= 128)'
+    ' || lastRetry.message contains "imminent node shutdown"'
 )
-"""Retry only infrastructure failures: Argo errors (pod deleted, node lost) and deaths by
-signal (exit code >= 128: OOM kill, eviction, preemption). A stage that exits 1 or 2 is
-an application failure and fails the job at once."""
+"""Retry only infrastructure failures: Argo errors (pod deleted, node lost), deaths by
+signal (exit code >= 128: OOM kill, eviction, preemption), and pods the kubelet stopped for
+a node shutdown (spot reclaim), which Argo reports as Failed with the kubelet's message
+"Pod was terminated in response to imminent node shutdown." whatever the exit code. A stage
+that exits 1 or 2 on its own is an application failure and fails the job at once."""
 MODEL_STAGE_KINDS = frozenset({"train", "eval", "grpo"})
 """Stages that load the model: they get spec.resources' CPU, memory and GPUs, and its
 nodeSelector, tolerations and priorityClassName."""
@@ -143,6 +149,12 @@ def stage_config_json(job: PSFTJob, stage: Stage) -> str:
     clean = _stage_job(job)
     config = stage_config(clean, stage, layout.run_root(clean), work_dir=RUN_MIRROR, progress=False)
     return config.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def stage_config_data(job: PSFTJob, stage: Stage) -> str:
+    """stage.json as the Workflow carries it: base64, so Argo's `{{...}}` substitution never
+    sees a spec string (psft.workflows.stages.ENCODED_SUFFIX)."""
+    return encode_stage_config(stage_config_json(job, stage))
 
 
 def runs_model(stage: Stage) -> bool:
@@ -295,7 +307,7 @@ def config_artifact(job: PSFTJob, stage: Stage) -> m.Artifact:
     return m.Artifact(
         name="stage-config",
         path=CONFIG_PATH,
-        raw=m.RawArtifact(data=stage_config_json(job, stage)),
+        raw=m.RawArtifact(data=stage_config_data(job, stage)),
     )
 
 

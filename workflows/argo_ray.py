@@ -79,7 +79,7 @@ def config_map(job: PSFTJob, stage: Stage) -> dict[str, Any]:
             "name": config_map_name(job, stage),
             "labels": argo.job_labels(job, component="train"),
         },
-        "data": {"stage.json": argo.stage_config_json(job, stage)},
+        "data": {argo.CONFIG_FILE: argo.stage_config_data(job, stage)},
     }
 
 
@@ -105,7 +105,7 @@ def pod_template(job: PSFTJob, stage: Stage, container_name: str) -> dict[str, A
         name="stage-config",
         config_map=m.ConfigMapVolumeSource(
             name=config_map_name(job, stage),
-            items=[m.KeyToPath(key="stage.json", path="stage.json")],
+            items=[m.KeyToPath(key=argo.CONFIG_FILE, path=argo.CONFIG_FILE)],
         ),
     )
     queue_labels, queue_annotations = argo.queue_metadata(job)

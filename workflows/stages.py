@@ -6,6 +6,8 @@ Argo Workflow as an input artifact/parameter, so a stage runs identically in bot
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from pathlib import Path
 
@@ -48,5 +50,22 @@ def stage_config(job: PSFTJob, stage: Stage, run_root: str, **extra: object) -> 
     )
 
 
+ENCODED_SUFFIX = ".b64"
+"""A stage config whose file name ends so is base64 of the JSON. The Argo Workflow carries
+it that way: Argo substitutes `{{...}}` anywhere in a template (raw artifact data, resource
+manifests), so a spec string such as a system prompt with `{{workflow.name}}` in it would be
+rewritten or rejected; base64 text contains no braces."""
+
+
+def encode_stage_config(config_json: str) -> str:
+    return base64.b64encode(config_json.encode()).decode()
+
+
 def read_stage_config(path: str | Path) -> StageConfig:
-    return StageConfig.model_validate(json.loads(Path(path).read_text()))
+    text = Path(path).read_text()
+    if str(path).endswith(ENCODED_SUFFIX):
+        try:
+            text = base64.b64decode(text.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not base64 of a UTF-8 stage config: {exc}") from None
+    return StageConfig.model_validate(json.loads(text))

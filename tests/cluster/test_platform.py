@@ -74,6 +74,7 @@ def _drive(
     exit_codes: dict[str, list[int]] | None = None,
     timeout: float = 180,
     placements: dict[str, str] | None = None,
+    pod_messages: dict[str, str] | None = None,
 ) -> list[str]:
     """Finish each stage pod as it starts, until the Workflow ends: with the next code of
     exit_codes[template] while there is one, else 0. Returns the templates as they ran."""
@@ -101,7 +102,8 @@ def _drive(
             if placements is not None:
                 placements[template] = pod["spec"]["nodeName"]
             code = codes[template].pop(0) if codes.get(template) else 0
-            platform.finish_pod(pod, code, OUTPUTS, message=f"exit {code}")
+            pod_message = (pod_messages or {}).pop(template, "") if code else ""
+            platform.finish_pod(pod, code, OUTPUTS, f"exit {code}", pod_message)
         return None
 
     wait_for(step, timeout, f"Workflow {ns}/{wf} to finish")
@@ -177,6 +179,16 @@ def test_a_train_pod_killed_by_a_signal_is_retried_and_the_job_goes_on(platform,
     assert platform.workflow(ns, wf)["status"]["phase"] == "Succeeded"
     status = _job_status(platform, ns, "preempted", "Succeeded")
     assert status["metrics"]["step"] == 12
+
+
+def test_a_train_pod_stopped_by_a_node_shutdown_is_retried_whatever_its_exit_code(
+    platform, tmp_path
+):
+    ns, wf = _start(platform, tmp_path, "llama3.1-8b.yaml", "spot-reclaimed")
+    shutdown = "Pod was terminated in response to imminent node shutdown."
+    ran = _drive(platform, ns, wf, {"train": [1]}, timeout=240, pod_messages={"train": shutdown})
+    assert ran.count("train") == 2, ran
+    _job_status(platform, ns, "spot-reclaimed", "Succeeded")
 
 
 def test_an_application_failure_fails_the_job_at_once_with_its_message(platform, tmp_path):
@@ -275,3 +287,25 @@ def test_deleting_a_job_removes_its_workflow_and_pods_through_the_garbage_collec
         "the garbage collector to delete the Workflow",
     )
     wait_for(lambda: not platform.pods(ns, wf), 60, "the Workflow's pods to go")
+
+
+def test_argo_template_syntax_in_spec_strings_reaches_the_stage_verbatim(platform, tmp_path):
+    import base64
+
+    from servers.cluster.platform import _argo_env
+
+    text = "{{workflow.name}} {{inputs.parameters.x}} {{=sprig.env('HOME')}}"
+    doc, path = _example("llama3.1-8b.yaml", tmp_path, new_name="braces")
+    doc["spec"]["dataset"]["systemPrompt"] = text
+    path.write_text(yaml.safe_dump(doc))
+    platform.apply(path)
+    ns = doc["metadata"]["namespace"]
+    wf = _workflow_of(platform, ns, "braces")["metadata"]["name"]
+    (pod,) = wait_for(lambda: platform.running_pods(ns, wf), 60, "the prepare pod")
+    # what the executor receives after Argo's substitution: the resolved template
+    resolved = json.loads(_argo_env(pod, "ARGO_TEMPLATE"))
+    data = resolved["inputs"]["artifacts"][0]["raw"]["data"]
+    config = json.loads(base64.b64decode(data))
+    assert config["job"]["spec"]["dataset"]["systemPrompt"] == text
+    _drive(platform, ns, wf)
+    assert platform.workflow(ns, wf)["status"]["phase"] == "Succeeded"

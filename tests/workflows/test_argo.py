@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -131,7 +132,7 @@ def test_workflow_shape_follows_the_pipeline() -> None:
         assert template["container"]["args"] == [stage.kind, "--config", argo.CONFIG_PATH]
         (artifact,) = template["inputs"]["artifacts"]
         assert artifact["path"] == argo.CONFIG_PATH
-        config = StageConfig.model_validate_json(artifact["raw"]["data"])
+        config = StageConfig.model_validate_json(base64.b64decode(artifact["raw"]["data"]))
         assert (config.stage, config.kind, config.target) == (stage.name, stage.kind, stage.target)
         assert config.run_root == "s3://runs/psft/ml/qwen/0b5e-uid"
         assert config.work_dir == argo.RUN_MIRROR and config.progress is False
@@ -163,8 +164,33 @@ def test_spec_values_never_reach_a_command_line() -> None:
         container = template.get("container")
         if container:
             assert nasty not in json.dumps(container["command"] + container["args"])
-            assert nasty in template["inputs"]["artifacts"][0]["raw"]["data"]
+            data = template["inputs"]["artifacts"][0]["raw"]["data"]
+            assert nasty in base64.b64decode(data).decode()
     assert "arguments" not in wf["spec"]
+
+
+ARGO_TEMPLATES = "{{workflow.name}} {{inputs.parameters.x}} {{=sprig.env('HOME')}}"
+
+
+def test_no_spec_string_reaches_argos_template_engine() -> None:
+    """Argo substitutes {{...}} anywhere in a template (raw artifact data, resource manifests,
+    labels): free-text spec strings with such text must reach the stage verbatim, and the
+    manifest must contain none of it outside base64."""
+    spec = {
+        "model": {"source": "s3://models/{{workflow.name}}", "chatTemplate": ARGO_TEMPLATES},
+        "dataset": {"systemPrompt": ARGO_TEMPLATES},
+        "eval": {"systemPrompt": ARGO_TEMPLATES},
+    }
+    job = validate_job(s3_doc(**spec))
+    ray_job = PSFTJob.model_validate(s3_doc(**spec, resources={"nodes": 2, "gpusPerNode": 8}))
+    for wf in (argo.render_workflow(job), argo.render_workflow(ray_job)):
+        assert "{{" not in json.dumps(wf)
+    train = templates(argo.render_workflow(job))["train"]
+    config = StageConfig.model_validate_json(
+        base64.b64decode(train["inputs"]["artifacts"][0]["raw"]["data"])
+    )
+    assert config.job.spec.dataset.system_prompt == ARGO_TEMPLATES
+    assert config.job.spec.model.source == "s3://models/{{workflow.name}}"
 
 
 def test_s3_keys_come_from_the_secret_only() -> None:
@@ -285,6 +311,7 @@ def test_retries_only_infrastructure_failures() -> None:
         assert retry["backoff"] == {"duration": "30s", "factor": 2, "cap": "10m"}
         assert retry["expression"] == argo.RETRY_EXPRESSION
         assert ">= 128" in retry["expression"] and '"Error"' in retry["expression"]
+        assert 'contains "imminent node shutdown"' in retry["expression"]  # spot reclaim
     assert all("retryStrategy" not in t for t in render(backoffLimit=0)["spec"]["templates"])
 
 
@@ -350,7 +377,7 @@ def test_multi_node_training_is_a_rayjob() -> None:
     config_map = yaml.safe_load(config_step["manifest"])
     kubernetes_validate.validate(config_map, K8S, strict=True)
     train_stage = build_pipeline(job)[1]
-    assert config_map["data"]["stage.json"] == argo.stage_config_json(job, train_stage)
+    assert config_map["data"]["stage.json.b64"] == argo.stage_config_data(job, train_stage)
 
     step = templates(wf)["train"]["resource"]
     assert step["action"] == "create" and step["setOwnerReference"] is True
@@ -360,7 +387,7 @@ def test_multi_node_training_is_a_rayjob() -> None:
     assert ray["apiVersion"] == "ray.io/v1" and ray["kind"] == "RayJob"
     assert ray["metadata"]["name"] == "psft-qwen-train"
     assert ray["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    assert ray["spec"]["entrypoint"] == "psft train --config /psft/config/stage.json"
+    assert ray["spec"]["entrypoint"] == "psft train --config /psft/config/stage.json.b64"
     assert ray["spec"]["backoffLimit"] == 2
     # the Ray cluster (every GPU of the job) goes as soon as the job ends
     assert ray["spec"]["shutdownAfterJobFinishes"] is True

@@ -36,6 +36,7 @@ SERVICE_IP = "10.96.0.1"
 KWOK_NODE_LABEL = "psft.test/kwok"
 EXIT_CODE_ANNOTATION = "psft.test/exit-code"
 EXIT_MESSAGE_ANNOTATION = "psft.test/exit-message"
+POD_MESSAGE_ANNOTATION = "psft.test/pod-message"
 
 
 class ClusterError(RuntimeError):
@@ -437,7 +438,8 @@ class ControlPlane:
 
 # A pod on a kwok node runs (kwok's own pod-ready stage) until the test annotates it with
 # psft.test/exit-code: then its containers terminate with that code (0: Succeeded, else
-# Failed; the main container carries the code and psft.test/exit-message as its message).
+# Failed; the main container carries the code and psft.test/exit-message as its message;
+# psft.test/pod-message becomes the pod's own status message, as the kubelet sets it).
 POD_EXIT_STAGE = """\
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
@@ -462,6 +464,10 @@ spec:
       {{ $code := index .metadata.annotations "psft.test/exit-code" }}
       {{ $message := or ( index .metadata.annotations "psft.test/exit-message" ) "" }}
       phase: {{ if eq $code "0" }}Succeeded{{ else }}Failed{{ end }}
+      {{ with index .metadata.annotations "psft.test/pod-message" }}
+      reason: Terminated
+      message: {{ . | Quote }}
+      {{ end }}
       conditions:
       - lastTransitionTime: {{ $now | Quote }}
         status: "False"

@@ -29,6 +29,7 @@ from k8s_tools import run_tool
 from servers.cluster.control_plane import (
     EXIT_CODE_ANNOTATION,
     EXIT_MESSAGE_ANNOTATION,
+    POD_MESSAGE_ANNOTATION,
     ControlPlane,
     Process,
 )
@@ -177,6 +178,7 @@ class Platform:
         exit_code: int = 0,
         outputs: dict[str, Any] | None = None,
         message: str = "",
+        pod_message: str = "",
     ) -> None:
         """What Argo's executor does at a stage's end (task result), then the exit itself."""
         ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
@@ -221,6 +223,8 @@ class Platform:
             status, body = self.plane.request(path, method="POST", body=result)
         assert status in (200, 201), body
         annotations = {EXIT_CODE_ANNOTATION: str(exit_code), EXIT_MESSAGE_ANNOTATION: message}
+        if pod_message:
+            annotations[POD_MESSAGE_ANNOTATION] = pod_message
         self.kubectl(
             "annotate",
             "-n",
