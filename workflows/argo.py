@@ -43,6 +43,15 @@ CONFIG_DIR = "/psft/config"
 CONFIG_FILE = f"stage.json{ENCODED_SUFFIX}"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 WORK_DIR = "/psft/work"
+CACHE_DIR = "/psft/cache"
+"""Model hub, Triton and XDG caches (vLLM and Triton write there): a volume of its own, since
+the root filesystem is read-only. The trainer image points HF_HOME, XDG_CACHE_HOME and
+TRITON_CACHE_DIR here; the pods set them too, so any image works."""
+CACHE_ENV = {
+    "HF_HOME": f"{CACHE_DIR}/huggingface",
+    "XDG_CACHE_HOME": CACHE_DIR,
+    "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+}
 RUN_MIRROR = f"{WORK_DIR}/run"
 """Local mirror of the run root inside a pod (StageConfig.workDir)."""
 RUN_AS = 1000
@@ -200,6 +209,7 @@ def env(job: PSFTJob, stage: Stage) -> list[m.EnvVar]:
         m.EnvVar(name="PSFT_STAGE", value=stage.name),
         m.EnvVar(name="HOME", value=WORK_DIR),
         m.EnvVar(name="PYTHONUNBUFFERED", value="1"),
+        *(m.EnvVar(name=name, value=value) for name, value in CACHE_ENV.items()),
     ]
     s3 = job.spec.storage.s3
     if job.spec.storage.type == "s3" and s3 is not None and s3.secret_ref is not None:
@@ -221,6 +231,7 @@ def volumes(job: PSFTJob) -> list[m.Volume]:
         m.Volume(name="dshm", empty_dir=shm),
         m.Volume(name="work", empty_dir=m.EmptyDirVolumeSource()),
         m.Volume(name="tmp", empty_dir=m.EmptyDirVolumeSource()),
+        m.Volume(name="cache", empty_dir=m.EmptyDirVolumeSource()),
     ]
 
 
@@ -229,6 +240,7 @@ def volume_mounts() -> list[m.VolumeMount]:
         m.VolumeMount(name="dshm", mount_path="/dev/shm"),
         m.VolumeMount(name="work", mount_path=WORK_DIR),
         m.VolumeMount(name="tmp", mount_path="/tmp"),
+        m.VolumeMount(name="cache", mount_path=CACHE_DIR),
     ]
 
 

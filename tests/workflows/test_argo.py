@@ -12,7 +12,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from workflow_examples import EXPECTED_ERRORS, example_files, psftjob_docs
+from workflow_examples import EXPECTED_ERRORS, REPO, example_files, psftjob_docs
 
 from psft.workflows import argo, argo_ray
 from psft.workflows.cli import main
@@ -671,3 +671,42 @@ def test_cli_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path.write_text(yaml.safe_dump(local))
     assert main(["render", str(path)]) == 1
     assert "spec.storage.type" in capsys.readouterr().err
+
+
+def _dockerfile_env_paths(path: Path) -> dict[str, str]:
+    """Absolute paths the image's ENV lines point the stage's tools at."""
+    text = path.read_text().replace("\\\n", " ")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for name, value in re.findall(r"(\w+)=(\S+)", line):
+                if value.startswith("/") and ":" not in value:
+                    found[name] = value
+    return found
+
+
+def test_every_folder_a_stage_writes_is_a_mounted_volume() -> None:
+    """The root filesystem is read-only: HF_HOME, XDG_CACHE_HOME, TRITON_CACHE_DIR (and HOME)
+    must lie on a volume, whether they come from the image or from the pod."""
+    image_env = _dockerfile_env_paths(REPO / "images" / "trainer" / "Dockerfile")
+    assert {"HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR"} <= set(image_env)
+    wf = render()
+    for name, template in templates(wf).items():
+        container = template.get("container")
+        if not container:
+            continue
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        mounts = [v["mountPath"] for v in container["volumeMounts"]]
+        pod_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        writable = {
+            k: v
+            for k, v in {**image_env, **pod_env}.items()
+            if k in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR")
+        }
+        for var, folder in writable.items():
+            assert any(folder == m or folder.startswith(m.rstrip("/") + "/") for m in mounts), (
+                name,
+                var,
+                folder,
+                mounts,
+            )
