@@ -18,6 +18,39 @@ KIND = "PSFTJob"
 SEED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_TRAINER_IMAGE = "ghcr.io/psft-dev/psft-trainer:0.1.0"
 
+# Upper bounds of the numeric fields. Each is far above any real run, so a user meets one
+# only through a typo (an extra digit, `1e30`), and low enough that every engine holds the
+# value: a count that passes validation never overflows int64 or allocates gigabytes first.
+# They reach the CRD as `maximum` and docs/psftjob.md's "Allowed values" column.
+SEED_MAX = 2**32 - 1
+"""numpy seeds must lie in [0, 2**32); torch's in [-2**63, 2**64)."""
+BATCH_MAX = 65_536
+"""Rows per batch (or prompts per generate call)."""
+STEPS_MAX = 10_000_000
+"""Optimizer steps; at one step a second still four months of training."""
+EPOCHS_MAX = 10_000
+TOKENS_MAX = 1_048_576
+"""Token budgets (prompt, response, generation): 1M tokens, past any model's long-context
+training, before a tensor of that length is allocated."""
+CONTEXT_MAX = 16_777_216
+"""A context length is only compared against; models with 10M-token contexts exist."""
+ROWS_MAX = 1_000_000_000
+"""Row and problem counts (limits and caps)."""
+SAMPLES_MAX = 1024
+"""Samples per problem (eval k, GRPO group size): each is a full generation."""
+GPUS_MAX = 64
+"""GPUs of one node (or of one vLLM engine); today's largest nodes have 8 or 16."""
+NODES_MAX = 4096
+RETRIES_MAX = 1000
+SECONDS_MAX = 2_147_483_647
+"""int32: the largest seconds value Argo and Kubernetes take in every field (68 years)."""
+GRADING_SECONDS_MAX = 3600.0
+"""One symbolic comparison; a stuck worker is killed after this many seconds."""
+CLIP_MAX = 100.0
+"""Clip epsilons: a ratio ceiling of 1 + 100 never binds, so no larger value differs."""
+TEMPERATURE_MAX = 10.0
+"""Sampling temperature: above ~2 samples are noise; 10 is flat over the vocabulary."""
+
 
 class Section(BaseModel):
     """Base for every part of the spec: camelCase aliases, unknown keys rejected."""
@@ -28,6 +61,9 @@ class Section(BaseModel):
         populate_by_name=True,
         validate_assignment=True,
         use_attribute_docstrings=True,
+        # NaN and +-inf fail every float field: JSON has no such values, so the stage.json
+        # would carry null and every stage would fail
+        allow_inf_nan=False,
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -75,7 +111,7 @@ class ModelSpec(Section):
     """Parameter dtype. `auto`: bfloat16 on GPU, float32 on CPU (bf16 is far slower on CPUs)."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model. Off unless you trust the source."""
-    max_context_length: Annotated[int, Field(gt=0)] | None = None
+    max_context_length: Annotated[int, Field(gt=0, le=CONTEXT_MAX)] | None = None
     """Override the context length read from the model config (used by validation)."""
 
 
@@ -84,7 +120,7 @@ class ValidationSplit(Section):
     """Held-out files in the same format as `dataset.train`."""
     fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """Share of training rows held out when no validation files are given."""
-    max_rows: Annotated[int, Field(gt=0)] | None = None
+    max_rows: Annotated[int, Field(gt=0, le=ROWS_MAX)] | None = None
     """Cap on validation rows (held-out NLL is computed on all of them)."""
 
 
@@ -103,9 +139,9 @@ class DatasetSpec(Section):
     """Column holding the chat for the `messages` format."""
     system_prompt: str | None = SEED_SYSTEM_PROMPT
     """System message prepended to prompts that have none. Empty string: none."""
-    max_prompt_length: Annotated[int, Field(gt=0)] = 1024
+    max_prompt_length: Annotated[int, Field(gt=0, le=TOKENS_MAX)] = 1024
     """Prompt token budget (chat template included)."""
-    max_response_length: Annotated[int, Field(gt=0)] = 4096
+    max_response_length: Annotated[int, Field(gt=0, le=TOKENS_MAX)] = 4096
     """Demonstration token budget (EOS included)."""
     truncation: Literal["left", "right", "error"] = "error"
     """Over-long rows: `left` drops the start of the prompt and the end of the response,
@@ -113,7 +149,7 @@ class DatasetSpec(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     """Rows with a missing key, an empty demonstration or (with truncation=error) too many
     tokens: `error` stops and names file and row; `skip` drops and counts them."""
-    limit: Annotated[int, Field(gt=0)] | None = None
+    limit: Annotated[int, Field(gt=0, le=ROWS_MAX)] | None = None
     """Use only the first N training rows (smoke runs)."""
     shuffle: bool = True
     """Shuffle training rows each epoch (seeded by psft.seed)."""
@@ -132,33 +168,37 @@ class PSFTSpec(Section):
     than one GPU, else native."""
     clip_ratio_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     """Lower clip epsilon: ratio floor 1 - clipRatioLow (inert for advantage +1)."""
-    clip_ratio_high: Annotated[float, Field(gt=0.0)] = 0.28
+    clip_ratio_high: Annotated[float, Field(gt=0.0, le=CLIP_MAX)] = 0.28
     """Upper clip epsilon: a token whose ratio exceeds 1 + clipRatioHigh stops pushing."""
-    clip_ratio_c: Annotated[float, Field(gt=1.0)] = 10.0
+    # a dual-clip bound of 1000x the advantage is no bound; verl's default is 3
+    clip_ratio_c: Annotated[float, Field(gt=1.0, le=1000.0)] = 10.0
     """Dual-clip constant (only acts on negative advantages, i.e. in GRPO)."""
     loss_agg_mode: LossAggMode = "token-mean"
     """How token losses become one number."""
-    batch_size: Annotated[int, Field(gt=0)] = 64
+    batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 64
     """Demonstrations per step (global batch). Old log-probs are taken once per step."""
-    mini_batch_size: Annotated[int, Field(gt=0)] = 8
+    mini_batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 8
     """Demonstrations per optimizer update; batchSize/miniBatchSize updates per step."""
-    micro_batch_size: Annotated[int, Field(gt=0)] = 2
+    micro_batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 2
     """Demonstrations per forward pass (gradient accumulation within a mini-batch)."""
-    epochs: Annotated[int, Field(gt=0)] = 1
-    max_steps: Annotated[int, Field(gt=0)] | None = None
+    epochs: Annotated[int, Field(gt=0, le=EPOCHS_MAX)] = 1
+    max_steps: Annotated[int, Field(gt=0, le=STEPS_MAX)] | None = None
     """Stop after this many steps, whatever the epochs say."""
-    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
     lr_scheduler: Literal["constant", "cosine"] = "constant"
     """Schedule after warm-up."""
-    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    warmup_steps: Annotated[int, Field(ge=0, le=STEPS_MAX)] = 10
     """Linear warm-up, in steps."""
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.1
-    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    # AdamW multiplies weights by 1 - lr * weightDecay each update: above 10 that is
+    # negative already at a learning rate of 0.1
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
+    # a norm of 1e6 never clips a real model's gradient: the largest value that means anything
+    grad_clip: Annotated[float, Field(gt=0.0, le=1e6)] = 1.0
     """Max global gradient norm per update."""
-    seed: int = 42
-    save_every: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 42
+    save_every: Annotated[int, Field(ge=0, le=STEPS_MAX)] = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
-    keep_checkpoints: Annotated[int, Field(gt=0)] = 2
+    keep_checkpoints: Annotated[int, Field(gt=0, le=EPOCHS_MAX)] = 2
     """Resumable checkpoints kept (oldest deleted first)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
@@ -173,13 +213,14 @@ class Toleration(Section):
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    # Kubernetes treats a negative value as 0 (evict at once), so 0 is the floor
+    toleration_seconds: Annotated[int, Field(ge=0, le=SECONDS_MAX)] | None = None
 
 
 class ResourcesSpec(Section):
-    gpus_per_node: Annotated[int, Field(ge=0)] = 1
+    gpus_per_node: Annotated[int, Field(ge=0, le=GPUS_MAX)] = 1
     """GPUs each training pod asks for (nvidia.com/gpu)."""
-    nodes: Annotated[int, Field(gt=0)] = 1
+    nodes: Annotated[int, Field(gt=0, le=NODES_MAX)] = 1
     """Nodes for training. Only 1 is accepted for now: validation refuses more, because
     multi-node training (verl on a KubeRay RayJob) has no launcher yet."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -222,25 +263,25 @@ class EvalSpec(Section):
         default_factory=lambda: ["aime24", "aime25", "amc23"]
     )
     """Registered names (aime24, aime25, amc23, math500, minerva) or custom files."""
-    samples: Annotated[int, Field(gt=0)] = 32
+    samples: Annotated[int, Field(gt=0, le=SAMPLES_MAX)] = 32
     """k: samples per problem (Avg@k, pass@k, maj@k)."""
-    temperature: Annotated[float, Field(ge=0.0)] = 0.7
+    temperature: Annotated[float, Field(ge=0.0, le=TEMPERATURE_MAX)] = 0.7
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
-    max_tokens: Annotated[int, Field(gt=0)] = 32768
+    max_tokens: Annotated[int, Field(gt=0, le=TOKENS_MAX)] = 32768
     """Generation budget per sample."""
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM when importable and a GPU is present, else transformers."""
-    batch_size: Annotated[int, Field(gt=0)] = 8
+    batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 8
     """Prompts per generate call (transformers backend)."""
-    tensor_parallel_size: Annotated[int, Field(gt=0)] = 1
-    limit: Annotated[int, Field(gt=0)] | None = None
+    tensor_parallel_size: Annotated[int, Field(gt=0, le=GPUS_MAX)] = 1
+    limit: Annotated[int, Field(gt=0, le=ROWS_MAX)] | None = None
     """Only the first N problems of each benchmark (smoke runs)."""
     checkpoints: Literal["final", "all", "best"] = "final"
     """Which training checkpoints to evaluate; `best` picks the lowest validation loss."""
     system_prompt: str | None = None
     """Defaults to dataset.systemPrompt, so eval prompts match training."""
-    grading_timeout: Annotated[float, Field(gt=0.0)] = 5.0
+    grading_timeout: Annotated[float, Field(gt=0.0, le=GRADING_SECONDS_MAX)] = 5.0
     """Seconds per answer for symbolic grading before it counts as wrong."""
 
 
@@ -252,19 +293,20 @@ class GRPOSpec(Section):
     answer_key: str = "answer"
     rollout: Literal["auto", "vllm", "hf", "trl"] = "auto"
     """Rollout backend: vLLM on GPU clusters; transformers-based generation on one machine."""
-    rollout_n: Annotated[int, Field(gt=1)] = 8
+    rollout_n: Annotated[int, Field(gt=1, le=SAMPLES_MAX)] = 8
     """Responses per prompt (the group)."""
-    batch_size: Annotated[int, Field(gt=0)] = 32
+    batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 32
     """Prompts per step."""
-    mini_batch_size: Annotated[int, Field(gt=0)] = 8
-    steps: Annotated[int, Field(gt=0)] = 100
-    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-6
-    kl_coef: Annotated[float, Field(ge=0.0)] = 0.001
+    mini_batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 8
+    steps: Annotated[int, Field(gt=0, le=STEPS_MAX)] = 100
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
+    # a KL weight of 100 already drowns the reward (advantages are normalised to ~1)
+    kl_coef: Annotated[float, Field(ge=0.0, le=100.0)] = 0.001
     use_kl_loss: bool = True
     clip_ratio_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    clip_ratio_high: Annotated[float, Field(gt=0.0)] = 0.28
-    temperature: Annotated[float, Field(gt=0.0)] = 1.0
-    max_response_length: Annotated[int, Field(gt=0)] = 4096
+    clip_ratio_high: Annotated[float, Field(gt=0.0, le=CLIP_MAX)] = 0.28
+    temperature: Annotated[float, Field(gt=0.0, le=TEMPERATURE_MAX)] = 1.0
+    max_response_length: Annotated[int, Field(gt=0, le=TOKENS_MAX)] = 4096
     evaluate: bool = True
     """Run the evaluation stage again on the GRPO checkpoint."""
 
@@ -327,9 +369,9 @@ class MonitoringSpec(Section):
 
 
 class TTLSpec(Section):
-    success: Annotated[int, Field(ge=0)] | None = None
+    success: Annotated[int, Field(ge=0, le=SECONDS_MAX)] | None = None
     """Seconds to keep a succeeded job's Workflow."""
-    failure: Annotated[int, Field(ge=0)] | None = None
+    failure: Annotated[int, Field(ge=0, le=SECONDS_MAX)] | None = None
     """Seconds to keep a failed job's Workflow."""
 
 
@@ -346,9 +388,9 @@ class PSFTJobSpec(Section):
     """Suspend the running Workflow; set back to false to resume."""
     restart_policy: Literal["Never", "OnSpecChange"] = "Never"
     """What a spec change after start does: `Never` refuses it, `OnSpecChange` restarts."""
-    backoff_limit: Annotated[int, Field(ge=0)] = 3
+    backoff_limit: Annotated[int, Field(ge=0, le=RETRIES_MAX)] = 3
     """Retries of a stage after infrastructure failures (eviction, node loss, signals)."""
-    active_deadline_seconds: Annotated[int, Field(gt=0, le=2_147_483_647)] | None = None
+    active_deadline_seconds: Annotated[int, Field(gt=0, le=SECONDS_MAX)] | None = None
     """Cluster only: seconds the whole job may run, every stage, retry and wait included,
     before Argo stops it and the job fails. Each stage pod and a multi-node RayJob get the
     same limit. Unset: no limit. `psft run` ignores it."""

@@ -7,13 +7,16 @@ valid. The operator and `psft validate` call the same `validate_job`.
 from __future__ import annotations
 
 import json
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from psft.workflows.models import context_length_of
 from psft.workflows.spec import PSFTJob
@@ -52,6 +55,51 @@ def _loc_to_path(loc: Iterable[Any]) -> str:
     return out
 
 
+def _leaves(annotation: Any) -> Iterable[tuple[Any, list[Any]]]:
+    """(type, constraints) of each member of a union, Annotated unwrapped."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        inner, *extra = typing.get_args(annotation)
+        found = [m for e in extra for m in getattr(e, "metadata", [e])]
+        for leaf, constraints in _leaves(inner):
+            yield leaf, found + constraints
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            yield from _leaves(arg)
+    else:
+        yield annotation, []
+
+
+def _maximum_at(loc: Iterable[Any]) -> int | float | None:
+    """The upper bound of the field at a pydantic error location, None if unknown."""
+    leaves = list(_leaves(PSFTJob))
+    for part in loc:
+        if isinstance(part, int):
+            items = [typing.get_args(t) for t, _ in leaves if typing.get_origin(t) is list]
+            leaves = [leaf for args in items for leaf in _leaves(args[0])]
+            continue
+        models = [t for t, _ in leaves if isinstance(t, type) and issubclass(t, BaseModel)]
+        if any(t.__name__ == part for t in models) or part in {"str", "int", "float"}:
+            continue  # a union-member tag
+        fields = {(i.alias or n): i for t in models for n, i in t.model_fields.items()}
+        if part not in fields:
+            return None
+        info = fields[part]
+        leaves = [(t, [*info.metadata, *c]) for t, c in _leaves(info.annotation)]
+    for _, constraints in leaves:
+        for c in constraints:
+            if isinstance(c, annotated_types.Le):  # integer fields bound with le= only
+                return c.le
+    return None
+
+
+def _looks_like_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
 def _schema_errors(exc: ValidationError) -> list[FieldError]:
     errors = []
     for err in exc.errors(include_url=False):
@@ -60,6 +108,14 @@ def _schema_errors(exc: ValidationError) -> list[FieldError]:
             msg = "unknown field; check the spelling (fields are camelCase, see docs/psftjob.md)"
         elif err["type"] == "missing":
             msg = "is required"
+        elif err["type"] == "int_parsing_size" or (
+            err["type"] == "int_parsing" and _looks_like_number(err.get("input"))
+        ):
+            # a number past int64 (JSON 1e30), or YAML's `1e30`, which YAML 1.1 reads as a
+            # string (an exponent needs a '.'): pydantic's own messages speak of strings
+            bound = _maximum_at(err["loc"])
+            limit = f" at most {bound}" if bound is not None else ""
+            msg = f"must be a whole number{limit}, written in digits (got {err['input']!r})"
         else:
             msg = err["msg"]
             if "input" in err and not isinstance(err["input"], dict | list):

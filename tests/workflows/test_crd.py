@@ -128,6 +128,7 @@ def test_constraints_carried_over(openapi: dict[str, Any]) -> None:
         "type": "integer",
         "minimum": 0,
         "exclusiveMinimum": True,
+        "maximum": 65536,
         "default": 64,
     }
     assert psft["clipRatioLow"]["maximum"] == 1.0 and psft["clipRatioLow"]["exclusiveMaximum"]
