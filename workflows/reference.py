@@ -72,15 +72,18 @@ CLUSTER = f"""\
 The operator turns a PSFTJob into one Argo Workflow named `{argo.WORKFLOW_PREFIX}<name>` in the
 job's namespace, owned by the job (deleting the job deletes it). `psft render job.yaml`
 prints it. Each stage is a DAG task whose pod runs `psft <stage> --config
-{argo.CONFIG_PATH}`; the stage config (the whole job with defaults filled) arrives as an
-input artifact, never on a command line.
+{argo.CONFIG_PATH}`; the stage config (the whole job with defaults filled) arrives as a
+base64-encoded input artifact, never on a command line, and no spec string meets Argo's
+`{{{{...}}}}` substitution.
 
 - Pods carry the labels `{argo.JOB_LABEL}: <name>` and `{argo.STAGE_LABEL}: <stage>`. The
   stages that load the model (train, eval, grpo) request `resources.cpu`/`memory` and
   `resources.gpusPerNode` `nvidia.com/gpu` (none when `resources.device` is `cpu`);
   prepare and report request {argo.LIGHT_STAGE_CPU} CPU and {argo.LIGHT_STAGE_MEMORY}, and no GPU.
   `/dev/shm` is an in-memory volume of `resources.shmSize`. Pods run non-root as UID
-  {argo.RUN_AS} with a read-only root file system.
+  {argo.RUN_AS} with a read-only root file system; what a stage writes goes to volumes:
+  `{argo.WORK_DIR}` (the run's local mirror, HOME), `/tmp` and `{argo.CACHE_DIR}` (HF_HOME,
+  XDG_CACHE_HOME and TRITON_CACHE_DIR point there).
 - `resources.nodeSelector`, `tolerations` and `priorityClassName` apply to the train, eval
   and grpo pods only (and to the Ray pods of a RayJob), so prepare, report and the pods of
   resource steps schedule on any node. `schedulerName` applies to every pod;
