@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -27,15 +28,10 @@ from psft.workflows.spec import PSFTJob, PSFTJobSpec
 from psft.workflows.stages import read_stage_config, stage_config
 from psft.workflows.validate import InvalidJob, validate_job
 
-BASE = {
-    "apiVersion": "psft.dev/v1alpha1",
-    "kind": "PSFTJob",
-    "metadata": {"name": "demo"},
-    "spec": {
-        "model": {"source": "smollm2-135m-instruct"},
-        "dataset": {"train": ["data.jsonl"]},
-    },
-}
+sys.path.insert(0, str(Path(__file__).parents[1] / "workflows"))
+from workflow_examples import MINIMAL_JOB
+
+BASE = MINIMAL_JOB
 
 
 def _crd_numeric(node: dict[str, Any], path: str) -> dict[str, dict[str, Any]]:

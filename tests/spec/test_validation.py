@@ -11,17 +11,9 @@ from psft.workflows.spec import SEED_SYSTEM_PROMPT, PSFTJob
 from psft.workflows.validate import InvalidJob, load_job, validate_job
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "workflows"))
-from workflow_examples import EXPECTED_ERRORS
+from workflow_examples import EXPECTED_ERRORS, MINIMAL_JOB
 
-BASE = {
-    "apiVersion": "psft.dev/v1alpha1",
-    "kind": "PSFTJob",
-    "metadata": {"name": "demo"},
-    "spec": {
-        "model": {"source": "smollm2-135m-instruct"},
-        "dataset": {"train": ["data.jsonl"]},
-    },
-}
+BASE = MINIMAL_JOB
 
 
 def job_with(**sections: dict) -> dict:

@@ -32,3 +32,15 @@ def psftjob_docs(path: Path) -> list[dict[str, Any]]:
         for d in yaml.safe_load_all(path.read_text())
         if isinstance(d, dict) and d.get("kind") == "PSFTJob"
     ]
+
+
+# The smallest valid PSFTJob: a model and a training file; every other field defaulted.
+MINIMAL_JOB = {
+    "apiVersion": "psft.dev/v1alpha1",
+    "kind": "PSFTJob",
+    "metadata": {"name": "demo"},
+    "spec": {
+        "model": {"source": "smollm2-135m-instruct"},
+        "dataset": {"train": ["data.jsonl"]},
+    },
+}
