@@ -86,20 +86,26 @@ def tool_path(tool: Tool) -> Path:
     return binary
 
 
+def isolated_env(home: Path) -> dict[str, str]:
+    """Environment for helm/kubectl that reads no user config: HOME, helm's folders and
+    KUBECONFIG all point under `home`."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "HELM_CACHE_HOME": str(home / "helm-cache"),
+        "HELM_CONFIG_HOME": str(home / "helm-config"),
+        "HELM_DATA_HOME": str(home / "helm-data"),
+        "KUBECONFIG": str(home / "no-kubeconfig"),
+    }
+
+
 def run_tool(
     tool: Tool, *args: str, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run helm/kubectl with an isolated HOME-like environment (no user config read)."""
     scratch = cache_root() / "home"
     scratch.mkdir(parents=True, exist_ok=True)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(scratch),
-        "HELM_CACHE_HOME": str(scratch / "helm-cache"),
-        "HELM_CONFIG_HOME": str(scratch / "helm-config"),
-        "HELM_DATA_HOME": str(scratch / "helm-data"),
-        "KUBECONFIG": str(scratch / "no-kubeconfig"),
-    }
+    env = isolated_env(scratch)
     proc = subprocess.run(
         [str(tool_path(tool)), *args],
         capture_output=True,

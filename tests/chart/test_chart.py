@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart_helpers import ALL_ON, CHART, NAMESPACE, RELEASE, Render, by_kind, one
-from k8s_tools import run_tool, tool_path
+from k8s_tools import isolated_env, run_tool, tool_path
 
 from psft.workflows.crd import to_json_schema
 
@@ -61,14 +60,8 @@ def offline_helm(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """helm with an empty home (no repositories, no cached charts) and unreachable proxies,
     so that anything it tried to download would fail: an air-gapped machine."""
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-        "KUBECONFIG": str(home / "no-kubeconfig"),
-        **{name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    env = isolated_env(home) | {
+        name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
     }
     return subprocess.run(
         [str(tool_path("helm")), *args], capture_output=True, text=True, env=env, timeout=120
