@@ -90,15 +90,7 @@ class Platform:
             plane.create("/api/v1/namespaces", {"metadata": {"name": ns}})
         values = [f"workflows.namespaces={{{','.join(self.job_namespaces)}}}", *self.helm_values]
         sets = [arg for v in values for arg in ("--set", v)]
-        args = [RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", *sets]
-        first = self.helm("install", *args, check=False)
-        if first.returncode != 0:
-            # Known chart defect (open in issue 10): the kopf peering CRDs are templates and
-            # their objects post-install hooks, so helm can map a hook before the API server
-            # serves the new CRD ("ensure CRDs are installed first"). Seen once in three runs.
-            # The upgrade finds the CRDs in place; any other failure still fails the test.
-            assert "ensure CRDs are installed first" in first.stderr, first.stderr
-            self.helm("upgrade", "--install", *args)
+        self.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", *sets)
         self.start_operator()
         return self
 
