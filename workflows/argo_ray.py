@@ -44,6 +44,12 @@ soon as ANY failure requirement does, and failure is checked first. KubeRay's en
 - jobDeploymentStatus `ValidationFailed` (KubeRay >= 1.5): the RayJob was refused;
 - jobStatus `STOPPED` (jobDeploymentStatus then `Complete`): the Ray job was stopped;
   KubeRay never retries it."""
+RAY_VERSION = "2.60.0"
+"""Ray in the trainer image (images/trainer/Dockerfile, constraints.txt), as the RayJob's
+rayVersion. KubeRay reads it to choose its probes: from 2.53 an HTTP GET of the dashboard
+agent's /api/healthz; without it (or older) exec probes that run `wget`, which the trainer
+image lacks, so every Ray pod would fail its probes. A custom image needs Ray >= 2.53 with
+the dashboard agent (`ray[default]`)."""
 RAY_METRICS_PORT_NAME = "psft-metrics"
 RAYJOB_NAME_MAX = 47
 """KubeRay refuses longer RayJob names: it names the RayCluster `<rayjob>-<5 random>`
@@ -157,6 +163,7 @@ def rayjob(job: PSFTJob, stage: Stage) -> dict[str, Any]:
             "ttlSecondsAfterFinished": RAYJOB_TTL_SECONDS,
             "backoffLimit": job.spec.backoff_limit,
             "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
                 "headGroupSpec": {
                     "rayStartParams": {},
                     "template": pod_template(job, stage, "ray-head"),

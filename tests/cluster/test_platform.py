@@ -355,3 +355,9 @@ def test_the_rendered_rayjob_passes_kuberay_which_creates_its_ray_cluster(platfo
     ]
     assert "8" in gpus
     assert argo.CONFIG_FILE in json.dumps(pods[0]["spec"]["volumes"])
+    # rayVersion >= 2.53: KubeRay probes over HTTP, not with exec probes running wget
+    for pod in pods:
+        ray_container = pod["spec"]["containers"][0]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert "exec" not in ray_container[probe], ray_container[probe]
+            assert ray_container[probe]["httpGet"]["path"] == "/api/healthz"

@@ -393,6 +393,7 @@ def test_multi_node_training_is_a_rayjob() -> None:
     assert ray["spec"]["shutdownAfterJobFinishes"] is True
     assert ray["spec"]["ttlSecondsAfterFinished"] == 0
     cluster = ray["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == argo_ray.RAY_VERSION
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
     for template in (cluster["headGroupSpec"]["template"], workers["template"]):
@@ -405,6 +406,18 @@ def test_multi_node_training_is_a_rayjob() -> None:
         assert container["ports"][0]["name"] == argo_ray.RAY_METRICS_PORT_NAME
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
         kubernetes_validate.validate(pod_template | {"template": template}, K8S, strict=True)
+
+
+def test_ray_version_is_the_trainer_images_ray_and_gets_http_probes() -> None:
+    """KubeRay probes Ray pods over HTTP only for rayVersion >= 2.53; below (or unset) it
+    execs `wget`, which the trainer image lacks. The version is the image's own Ray,
+    pinned in the Dockerfile and in constraints.txt."""
+    dockerfile = (REPO / "images/trainer/Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={argo_ray.RAY_VERSION}\n" in dockerfile
+    assert '"ray[default]==${RAY_VERSION}"' in dockerfile
+    assert f"ray=={argo_ray.RAY_VERSION}\n" in (REPO / "constraints.txt").read_text()
+    major, minor, *_ = (int(part) for part in argo_ray.RAY_VERSION.split("."))
+    assert (major, minor) >= (2, 53)
 
 
 def selector_requirements(condition: str) -> list[tuple[str, set[str]]]:
