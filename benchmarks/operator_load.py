@@ -106,6 +106,10 @@ def _percentile(values: list[float], q: float) -> float:
 def run(jobs: int, concurrency: int, timeout: float, profile: Path | None = None) -> dict[str, Any]:
     with TimedEmulatorThread() as emu, tempfile.TemporaryDirectory() as tmp:
         kubeconfig = emu.write_kubeconfig(Path(tmp) / "kubeconfig")
+        # the stage pods' ServiceAccount (the chart creates it; the operator waits for it)
+        emu.put_object(
+            "v1/serviceaccounts", {"metadata": {"name": "psft-workflow", "namespace": NS}}
+        )
         health_port = _free_port()
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         env.pop("KUBERNETES_SERVICE_HOST", None)

@@ -114,6 +114,17 @@ def delete_workflow(namespace: str, name: str) -> None:
             raise
 
 
+def service_account_exists(namespace: str, name: str) -> bool:
+    client = _client or connect()
+    try:
+        kubernetes.client.CoreV1Api(client).read_namespaced_service_account(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str]:
     import base64
 

@@ -16,6 +16,10 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
         "resources": ["psftjobs"],
         "verbs": ["get", "list", "watch", "patch"],
     },
+    # the Workflow's owner reference to its job sets blockOwnerDeletion, which clusters with
+    # the OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allow only to
+    # whoever may update the owner's finalizers; no call of ours uses it
+    {"apiGroups": ["psft.dev"], "resources": ["psftjobs/finalizers"], "verbs": ["update"]},
     # status is written only through the status subresource
     {"apiGroups": ["psft.dev"], "resources": ["psftjobs/status"], "verbs": ["patch"]},
     # the owned Argo Workflow: created, watched, suspended/resumed, deleted on restart
@@ -24,6 +28,8 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
         "resources": ["workflows"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
+    # the stage pods' ServiceAccount must exist before the Workflow is created
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]},
     # Events on PSFTJobs (kopf posts core/v1 Events)
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf's discovery of namespaces and custom resources at runtime

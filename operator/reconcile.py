@@ -160,6 +160,7 @@ def reconcile_job(
         kopf.event(body, type="Normal", reason="Restarting", message=message)
 
     if workflow is None:
+        _require_service_account(body, job)
         workflow = _create_or_adopt(body, desired, logger)
 
     want_suspend = bool(job.spec.suspend)
@@ -178,6 +179,42 @@ def reconcile_job(
         )
     sync_status(namespace, name, job_seen=body, workflow_seen=workflow)
     return "ok"
+
+
+SERVICE_ACCOUNT_RECHECK_S = 10
+"""How often a job waiting for its stage pods' ServiceAccount looks for it again."""
+
+
+def missing_service_account_message(namespace: str, name: str) -> str:
+    return (
+        f"ServiceAccount {name} not found in namespace {namespace}: the stage pods run as it. "
+        f"Install the chart with --set 'workflows.namespaces={{{namespace}}}' (it creates "
+        f"{argo.DEFAULT_SERVICE_ACCOUNT} and its Role there), or set "
+        "spec.resources.serviceAccountName to an existing ServiceAccount; the job starts once "
+        "it exists"
+    )
+
+
+def _require_service_account(body: Obj, job: PSFTJob) -> None:
+    """Wait (status, Event, retry) until the stage pods' ServiceAccount exists: a Workflow
+    created without it only fails pod after pod with "serviceaccount ... not found"."""
+    namespace = body["metadata"]["namespace"]
+    name = job.spec.resources.service_account_name or argo.DEFAULT_SERVICE_ACCOUNT
+    with kube.retry_on_api_error(f"reading ServiceAccount {name}"):
+        if kube.service_account_exists(namespace, name):
+            return
+    message = missing_service_account_message(namespace, name)
+    before = (body.get("status") or {}).get("message")
+    status = sync_status(
+        namespace,
+        body["metadata"]["name"],
+        create_error=message,
+        create_reason="ServiceAccountMissing",
+        job_seen=body,
+    )
+    if status is not None and status.get("message") != before:
+        kopf.warn(body, reason="ServiceAccountMissing", message=message)
+    raise kopf.TemporaryError(message, delay=SERVICE_ACCOUNT_RECHECK_S)
 
 
 def _create_or_adopt(body: Obj, desired: Obj, logger: Any) -> Obj:
@@ -222,6 +259,7 @@ def sync_status(
     namespace: str,
     name: str,
     create_error: str | None = None,
+    create_reason: str = "CreateFailed",
     workflow_seen: Obj | None = None,
     job_seen: Obj | None = None,
 ) -> Obj | None:
@@ -258,6 +296,7 @@ def sync_status(
                 errors=tuple(errors),
                 workflow_name=wf_name,
                 create_error=create_error,
+                create_reason=create_reason,
                 refused_change=refused_change(job, workflow),
             )
             stages = build_pipeline(job) if job is not None else []

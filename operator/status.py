@@ -53,6 +53,7 @@ class Observation:
     """Validation errors of the spec (field path: message); empty when valid."""
     workflow_name: str | None = None
     create_error: str | None = None
+    create_reason: str = "CreateFailed"
     """Why the Workflow could not be created (shown on WorkflowCreated=False)."""
     refused_change: str | None = None
     """Set when the spec changed after start and restartPolicy is Never."""
@@ -248,7 +249,9 @@ def desired_status(
 
     if workflow is None:
         if seen.create_error:
-            conditions.append(cond("WorkflowCreated", "False", "CreateFailed", seen.create_error))
+            conditions.append(
+                cond("WorkflowCreated", "False", seen.create_reason, seen.create_error)
+            )
             status["message"] = f"cannot create the Workflow: {seen.create_error}"
         else:
             status["message"] = "creating the Workflow"

@@ -328,6 +328,15 @@ def test_workflow_role_grants_rayjobs_only_when_asked(helm_template: Render) -> 
     assert {g for r in plain for g in r["apiGroups"]} == {"argoproj.io"}
     assert {"ray.io", ""} <= {g for r in ray for g in r["apiGroups"]}
     assert all("delete" not in r["verbs"] for r in ray)
+    # Argo's setOwnerReference makes the RayJob and its ConfigMap owned by the Workflow with
+    # blockOwnerDeletion (metav1.NewControllerRef in workflow/controller/operator.go):
+    # OwnerReferencesPermissionEnforcement then asks for update on the owner's finalizers
+    finalizers = {
+        "apiGroups": ["argoproj.io"],
+        "resources": ["workflows/finalizers"],
+        "verbs": ["update"],
+    }
+    assert finalizers in ray and finalizers not in plain
 
 
 @pytest.mark.parametrize("flags", ["defaults", "all-on"])

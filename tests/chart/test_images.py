@@ -158,7 +158,12 @@ def test_operator_image_has_only_the_operator_extras() -> None:
 def test_trainer_image_pins_the_stack_and_documents_shm() -> None:
     text = TRAINER.read_text()
     pins = dict(re.findall(r"ARG (\w+_VERSION)=(\S+)", text))
-    assert pins == {"TORCH_VERSION": "2.13.0", "VLLM_VERSION": "0.31.0", "VERL_VERSION": "0.9.1"}
+    assert pins == {
+        "TORCH_VERSION": "2.13.0",
+        "VLLM_VERSION": "0.31.0",
+        "VERL_VERSION": "0.9.1",
+        "RAY_VERSION": "2.60.0",
+    }
     constraints = (REPO / "constraints.txt").read_text()
     assert f"torch=={pins['TORCH_VERSION']}" in constraints
     assert "/dev/shm" in text and "--shm-size" in text

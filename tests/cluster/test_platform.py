@@ -228,6 +228,40 @@ def test_a_job_the_server_accepts_but_validation_refuses_is_marked_invalid(platf
     assert not [w for w in platform.workflows(ns) if name in w["metadata"]["name"]]
 
 
+def test_a_namespace_without_the_workflow_service_account_is_reported_then_runs(platform, tmp_path):
+    """The chart puts the stage pods' ServiceAccount only in workflows.namespaces: a job
+    elsewhere waits with the fix in its status and an Event, and starts once it exists."""
+    ns = "no-workflow-sa"
+    platform.plane.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+    doc, path = _example("llama3.1-8b.yaml", tmp_path, new_name="elsewhere")
+    doc["metadata"]["namespace"] = ns
+    path.write_text(yaml.safe_dump(doc))
+    platform.apply(path)
+
+    def reported() -> dict[str, Any] | None:
+        status = platform.job(ns, "elsewhere").get("status") or {}
+        created = [c for c in status.get("conditions") or [] if c["type"] == "WorkflowCreated"]
+        return created[0] if created and created[0]["reason"] == "ServiceAccountMissing" else None
+
+    condition = wait_for(
+        reported, 60, f"the missing ServiceAccount in status ({platform.operator_log()[-2000:]})"
+    )
+    assert f"workflows.namespaces={{{ns}}}" in condition["message"]
+    assert platform.job(ns, "elsewhere")["status"]["phase"] == "Pending"
+    events = platform.kubectl(
+        "get", "events", "-n", ns, "--field-selector=involvedObject.name=elsewhere", "-o", "json"
+    ).stdout
+    assert "ServiceAccountMissing" in events
+    assert not platform.workflows(ns)
+
+    platform.plane.create(
+        f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "psft-workflow"}}
+    )
+    wf = _workflow_of(platform, ns, "elsewhere")
+    assert wf["spec"]["serviceAccountName"] == "psft-workflow"
+    platform.kubectl("delete", "-n", ns, "psftjob/elsewhere", "--wait=false")
+
+
 def _patch_spec(platform: Platform, ns: str, name: str, spec: dict[str, Any]) -> None:
     platform.kubectl(
         "patch", "-n", ns, f"psftjob/{name}", "--type=merge", "-p", json.dumps({"spec": spec})

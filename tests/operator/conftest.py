@@ -20,6 +20,10 @@ from operator_harness import NS
 def emulator() -> Iterator[EmulatorThread]:
     with EmulatorThread() as emu:
         emu.create_namespace(NS)  # the operator's namespace exists before it starts
+        # the stage pods' ServiceAccount, which the chart creates (the operator waits for it)
+        emu.put_object(
+            "v1/serviceaccounts", {"metadata": {"name": "psft-workflow", "namespace": NS}}
+        )
         yield emu
 
 

@@ -211,6 +211,9 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
+                # as on OpenShift: an owner reference with blockOwnerDeletion needs `update`
+                # on the owner's finalizers, so the chart's RBAC must grant it
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 f"--client-ca-file={self.pki['ca']}",
                 f"--tls-cert-file={self.pki['serving']}",
                 f"--tls-private-key-file={self.pki['serving_key']}",
