@@ -5,8 +5,8 @@ so the operator can create it with a fixed name and treat 409 as "adopt". Each s
 psft.workflows.pipeline becomes a DAG task whose pod runs `psft <kind> --config
 /psft/config/stage.json.b64`; the StageConfig JSON arrives base64-encoded as a raw input
 artifact, so no spec value ever reaches a shell or Argo's `{{...}}` substitution.
-Multi-node training (`resources.nodes > 1`) is a resource step that creates a KubeRay
-RayJob (psft.workflows.argo_ray) and waits for its outcome.
+Multi-node training (`resources.nodes > 1`) is a step whose pod runs `psft rayjob`, which
+creates a KubeRay RayJob (psft.workflows.argo_ray) and waits for its outcome.
 
 `check_workflow(manifest)` parses a manifest with hera's models and diffs the round
 trip: hera drops unknown keys silently, so a key it does not know shows up as a loss.
@@ -179,13 +179,22 @@ def resources(job: PSFTJob, stage: Stage) -> m.ResourceRequirements:
     """spec.resources' CPU, memory and GPUs for a stage that runs the model; the small
     LIGHT_STAGE_CPU / LIGHT_STAGE_MEMORY for prepare and report."""
     r = job.spec.resources
-    cpu, memory = (r.cpu, r.memory) if runs_model(stage) else (LIGHT_STAGE_CPU, LIGHT_STAGE_MEMORY)
-    requests = {"cpu": m.Quantity(cpu), "memory": m.Quantity(memory)}
-    limits = {"memory": m.Quantity(memory)}
+    if not runs_model(stage):
+        return light_resources()
+    requests = {"cpu": m.Quantity(r.cpu), "memory": m.Quantity(r.memory)}
+    limits = {"memory": m.Quantity(r.memory)}
     gpus = stage_gpus(job, stage)
     if gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = m.Quantity(str(gpus))
     return m.ResourceRequirements(requests=requests, limits=limits)
+
+
+def light_resources() -> m.ResourceRequirements:
+    """LIGHT_STAGE_CPU / LIGHT_STAGE_MEMORY and no GPU."""
+    memory = m.Quantity(LIGHT_STAGE_MEMORY)
+    return m.ResourceRequirements(
+        requests={"cpu": m.Quantity(LIGHT_STAGE_CPU), "memory": memory}, limits={"memory": memory}
+    )
 
 
 def placement(job: PSFTJob, stage: Stage) -> dict[str, Any]:
@@ -349,7 +358,7 @@ def _task(name: str, template: str, depends: tuple[str, ...]) -> m.DAGTask:
 
 def build_workflow(job: PSFTJob) -> m.Workflow:
     """The Workflow as hera models (render_workflow gives the wire dict)."""
-    from psft.workflows.argo_ray import RAY_CONFIG_TASK, ray_config_template, ray_train_template
+    from psft.workflows.argo_ray import supervisor_template
 
     errors = cluster_errors(job)
     if errors:
@@ -362,12 +371,10 @@ def build_workflow(job: PSFTJob) -> m.Workflow:
     tasks: list[m.DAGTask] = []
     for stage in stages:
         if multi_node and stage.kind == "train":
-            templates += [ray_config_template(job, stage), ray_train_template(job, stage)]
-            tasks.append(_task(RAY_CONFIG_TASK, RAY_CONFIG_TASK, stage.depends))
-            tasks.append(_task(stage.name, stage.name, (RAY_CONFIG_TASK,)))
+            templates.append(supervisor_template(job, stage))
         else:
             templates.append(stage_template(job, stage))
-            tasks.append(_task(stage.name, stage.name, stage.depends))
+        tasks.append(_task(stage.name, stage.name, stage.depends))
     entry = m.Template(name="psft", dag=m.DAGTemplate(tasks=tasks))
     queue_labels, queue_annotations = queue_metadata(job)
     ttl = spec.ttl_seconds_after_finished

@@ -1,14 +1,15 @@
-"""Multi-node training: Workflow steps that run the train stage as a KubeRay RayJob.
+"""Multi-node training: the train stage as a KubeRay RayJob.
 
-Two resource steps replace the train pod when `resources.nodes > 1`:
-1. `train-config` applies a ConfigMap holding the stage.json (owned by the Workflow);
-2. `train` creates a RayJob (ray.io/v1): a Ray cluster of `nodes` pods with
-   `gpusPerNode` GPUs each, whose entrypoint is `psft train --config /psft/stage.json`
-   (fixed words only; the config file comes from the ConfigMap), and waits until the
-   RayJob ends (RAYJOB_SUCCESS, RAYJOB_FAILURE). KubeRay retries the job `backoffLimit`
-   times; spec.activeDeadlineSeconds bounds the step and the RayJob.
-Validation refuses `resources.nodes > 1` until the multi-node launcher is written, so
-only a job parsed without validate_job's rules renders these steps (the tests do).
+When `resources.nodes > 1` the train step's pod runs `psft rayjob` (psft.trainer.rayjob), a
+small supervisor with no GPU, instead of the trainer. It creates the RayJob built here (a Ray
+cluster of `nodes` pods with `gpusPerNode` GPUs each, whose entrypoint is
+`psft train --config /psft/config/stage.json.b64`, fixed words only; the config file comes
+from the ConfigMap built here) owned by the Workflow, adopts or replaces one left by an
+earlier attempt, waits for it to end, and reports the driver's progress and summary like a
+one-node train pod. KubeRay retries the Ray job `backoffLimit` times; Argo retries the
+supervisor on infrastructure failures; spec.activeDeadlineSeconds bounds the step and the
+RayJob. Validation refuses `resources.nodes > 1` until the multi-node launcher is written,
+so only a job parsed without validate_job's rules renders this step (the tests do).
 Gang scheduling: the RayJob carries the queue label of Kueue, or Volcano's scheduler and
 queue labels that KubeRay turns into a PodGroup, when the spec names them.
 """
@@ -16,7 +17,6 @@ queue labels that KubeRay turns into a PodGroup, when the spec names them.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from hera.workflows import models as m
@@ -26,24 +26,12 @@ from psft.workflows.pipeline import Stage
 from psft.workflows.spec import PSFTJob
 
 RAY_API_VERSION = "ray.io/v1"
-RAY_CONFIG_TASK = "train-config"
+WORKFLOW_NAME_ENV = "PSFT_WORKFLOW_NAME"
+WORKFLOW_UID_ENV = "PSFT_WORKFLOW_UID"
+"""Environment of the supervisor: its Workflow's name and uid, which Argo substitutes for
+{{workflow.name}} / {{workflow.uid}}, the owner of the RayJob and its ConfigMap (deleting
+the Workflow, or its PSFTJob, removes them)."""
 ENTRYPOINT = f"psft train --config {argo.CONFIG_PATH}"
-RAYJOB_SUCCESS = "status.jobDeploymentStatus == Complete, status.jobStatus == SUCCEEDED"
-"""The Ray job succeeded and KubeRay is done with it (the submitter finished)."""
-RAYJOB_FAILURE = (
-    "status.jobDeploymentStatus in (Failed, ValidationFailed), status.jobStatus == STOPPED"
-)
-"""Every other end of a RayJob. Argo parses both conditions as label selectors, but
-evaluates them differently (argo-workflows workflow/executor/resource.go,
-matchConditions): the step succeeds when ALL success requirements match and fails as
-soon as ANY failure requirement does, and failure is checked first. KubeRay's ends:
-- jobDeploymentStatus `Failed`: retries (spec.backoffLimit) used up, the deadline passed,
-  or submission failed. KubeRay writes `Failed` only once no retry is left; between
-  retries it is `Retrying`, while jobStatus still reads FAILED, which is why jobStatus
-  FAILED alone is not a failure here;
-- jobDeploymentStatus `ValidationFailed` (KubeRay >= 1.5): the RayJob was refused;
-- jobStatus `STOPPED` (jobDeploymentStatus then `Complete`): the Ray job was stopped;
-  KubeRay never retries it."""
 RAY_VERSION = "2.60.0"
 """Ray in the trainer image (images/trainer/Dockerfile, constraints.txt), as the RayJob's
 rayVersion. KubeRay reads it to choose its probes: from 2.53 an HTTP GET of the dashboard
@@ -183,33 +171,25 @@ def rayjob(job: PSFTJob, stage: Stage) -> dict[str, Any]:
     }
 
 
-def _manifest(obj: dict[str, Any]) -> str:
-    # JSON is YAML, and dumping it is two orders of magnitude faster than PyYAML
-    return json.dumps(obj, indent=2) + "\n"
-
-
-def ray_config_template(job: PSFTJob, stage: Stage) -> m.Template:
-    return m.Template(
-        name=RAY_CONFIG_TASK,
-        resource=m.ResourceTemplate(
-            action="apply",
-            manifest=_manifest(config_map(job, stage)),
-            set_owner_reference=True,
-        ),
-        active_deadline_seconds=argo.active_deadline(job),
-    )
-
-
-def ray_train_template(job: PSFTJob, stage: Stage) -> m.Template:
+def supervisor_template(job: PSFTJob, stage: Stage) -> m.Template:
+    """The train step of a multi-node job: `psft rayjob` in a pod sized like prepare's,
+    with no GPU and none of the spec's placement (the Ray pods get those)."""
+    container = argo.stage_container(job, stage)
+    container.args = ["rayjob", "--config", argo.CONFIG_PATH]
+    container.ports = None
+    container.resources = argo.light_resources()
+    container.env = [
+        *(container.env or []),
+        # Argo's own variables (fixed text, never a spec value): the RayJob's owner
+        m.EnvVar(name=WORKFLOW_NAME_ENV, value="{{workflow.name}}"),
+        m.EnvVar(name=WORKFLOW_UID_ENV, value="{{workflow.uid}}"),
+    ]
     return m.Template(
         name=stage.name,
         metadata=m.Metadata(labels={argo.STAGE_LABEL: stage.name}),
-        resource=m.ResourceTemplate(
-            action="create",
-            manifest=_manifest(rayjob(job, stage)),
-            set_owner_reference=True,
-            success_condition=RAYJOB_SUCCESS,
-            failure_condition=RAYJOB_FAILURE,
-        ),
+        inputs=m.Inputs(artifacts=[argo.config_artifact(job, stage)]),
+        container=container,
+        outputs=argo.stage_outputs(stage),
+        retry_strategy=argo.retry_strategy(job),
         active_deadline_seconds=argo.active_deadline(job),
     )

@@ -47,6 +47,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rayjob(args: argparse.Namespace) -> int:
+    from psft.trainer import rayjob
+    from psft.workflows.stages import read_stage_config
+
+    rayjob.run(read_stage_config(args.config))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from psft.workflows.local import run_local
 
@@ -120,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} stage from a stage config")
         p.add_argument("--config", required=True, help="stage.json written by an executor")
         p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser(
+        "rayjob", help="run a train stage config as a KubeRay RayJob and wait (multi-node step)"
+    )
+    p.add_argument("--config", required=True, help="stage.json of the train stage")
+    p.set_defaults(func=_cmd_rayjob)
 
     p = sub.add_parser("models", help="list registered model names")
     p.set_defaults(func=_cmd_models)

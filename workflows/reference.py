@@ -102,13 +102,16 @@ base64-encoded input artifact, never on a command line, and no spec string meets
   and that of every stage template and of a multi-node RayJob. Unset, a job may run
   for as long as it takes.
 - Multi-node training is refused by validation until its launcher is written. The
-  renderer is ready for it: with `resources.nodes` > 1 the train stage is a KubeRay
-  `RayJob` (`ray.io/v1`): one head and `nodes - 1` workers with `gpusPerNode` GPUs each,
-  entrypoint `{argo_ray.ENTRYPOINT}`. KubeRay retries it `backoffLimit` times; the step
-  succeeds when all of `{argo_ray.RAYJOB_SUCCESS}` hold and fails as soon as any of
-  `{argo_ray.RAYJOB_FAILURE}` does (Argo reads a failure condition's comma as *or*).
-  KubeRay deletes the Ray cluster as soon as the job ends; the RayJob stays with the
-  Workflow.
+  renderer is ready for it: with `resources.nodes` > 1 the train step runs
+  `psft rayjob`, a small supervisor pod (no GPU) that creates a KubeRay `RayJob`
+  (`ray.io/v1`, Ray {argo_ray.RAY_VERSION}): one head and `nodes - 1` workers with
+  `gpusPerNode` GPUs each, entrypoint `{argo_ray.ENTRYPOINT}`, owned by the Workflow.
+  A retried step adopts the RayJob if it still runs and replaces it if it ended, so
+  retries never start a second Ray cluster. KubeRay retries the Ray job `backoffLimit`
+  times; the step succeeds when KubeRay reports `Complete` with `SUCCEEDED`, and fails
+  on `Failed`, `ValidationFailed` or `STOPPED`. It mirrors the driver's step into the
+  job's status and reports the training summary like a one-node train step. KubeRay
+  deletes the Ray cluster as soon as the job ends; the RayJob stays with the Workflow.
 - Stages report progress through Argo's `$ARGO_PROGRESS_FILE` and leave small JSON
   results in the output parameters `{argo.METRICS_PARAMETER}` (train, grpo) and
   `{argo.EVAL_PARAMETER}` (eval), which the operator mirrors into `status`.

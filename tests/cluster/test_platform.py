@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ OUTPUTS = {"metrics": TRAIN_SUMMARY, "eval-results": EVAL_SUMMARY}
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     plane = ControlPlane(tmp_path_factory.mktemp("platform"))
     plane.start()
-    installed = Platform(plane)
+    installed = Platform(plane, helm_values=["workflows.rayJobs=true"])
     try:
         yield installed.install()
     finally:
@@ -345,21 +348,63 @@ def test_argo_template_syntax_in_spec_strings_reaches_the_stage_verbatim(platfor
     assert platform.workflow(ns, wf)["status"]["phase"] == "Succeeded"
 
 
-def test_the_rendered_rayjob_passes_kuberay_which_creates_its_ray_cluster(platform, tmp_path):
-    """Multi-node is refused by validation until its launcher lands; its renderer is kept,
-    so its RayJob is checked here against the real KubeRay operator: accepted (not
-    ValidationFailed), and the RayCluster's head and worker pods are created on GPU nodes.
-    (Argo's resource steps run in argoexec, which this cluster cannot run: the test
-    applies the two manifests those steps would apply.)"""
+def _start_supervisor(
+    platform: Platform, config: Path, workflow: dict[str, Any], log: Path
+) -> subprocess.Popen[str]:
+    """`psft rayjob` as the multi-node train step's pod runs it: as the chart's workflow
+    ServiceAccount (so the chart's Role authorises each call), with Argo's variables set.
+    (The step's pod is on a kwok node, where no container runs: the test runs it here.)"""
+    from psft.workflows import argo_ray
+
+    ns = workflow["metadata"]["namespace"]
+    token = platform.kubectl("create", "token", "psft-workflow", "-n", ns).stdout.strip()
+    kubeconfig = platform.plane.write_kubeconfig(
+        log.with_suffix(".kubeconfig"), token, "psft-workflow", ns
+    )
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        argo_ray.WORKFLOW_NAME_ENV: workflow["metadata"]["name"],
+        argo_ray.WORKFLOW_UID_ENV: workflow["metadata"]["uid"],
+        "ARGO_PROGRESS_FILE": str(log.with_suffix(".progress")),
+    }
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    argv = [sys.executable, "-m", "psft.workflows.cli", "rayjob", "--config", str(config)]
+    with log.open("w") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _finished(process: subprocess.Popen[str], log: Path, timeout: float = 60) -> str:
+    process.wait(timeout)
+    return log.read_text()
+
+
+def _set_rayjob_status(platform: Platform, ns: str, name: str, **status: str) -> None:
+    """What KubeRay writes when the Ray job ends (its pods run no Ray here)."""
+    platform.kubectl(
+        "patch", "-n", ns, f"rayjob/{name}", "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+
+
+def test_the_rayjob_supervisor_creates_adopts_replaces_and_ends_with_kuberay(platform, tmp_path):
+    """The multi-node train step against the real KubeRay operator, as the chart's workflow
+    ServiceAccount: it creates the RayJob owned by the Workflow, which KubeRay accepts (not
+    ValidationFailed) and turns into Ray pods on GPU nodes with HTTP probes; a retried step
+    adopts the running RayJob instead of starting a second cluster; the step ends when
+    KubeRay reports success; a rerun after that replaces the ended RayJob; a failure ends
+    the step with KubeRay's reason and message. Multi-node is refused by validation until
+    its launcher lands, so the job is parsed without that rule."""
     from psft.workflows import argo, argo_ray
     from psft.workflows.pipeline import build_pipeline
     from psft.workflows.spec import PSFTJob
+    from psft.workflows.stages import stage_config
 
     doc = yaml.safe_load((REPO / "examples" / "multinode.yaml").read_text())
     doc["metadata"]["name"] = "m" * 52  # the longest name: the RayJob name must fit 47
     doc["spec"]["resources"]["nodes"] = 2
+    doc["spec"]["monitoring"] = {"enabled": False}  # no scrape of kwok's made-up pod IPs
     job = PSFTJob.model_validate(doc)
-    train = next(s for s in build_pipeline(job) if s.kind == "train")
     ns = job.metadata.namespace
     priority = job.spec.resources.priority_class_name
     if priority:  # a platform team creates the example's PriorityClass
@@ -367,15 +412,28 @@ def test_the_rendered_rayjob_passes_kuberay_which_creates_its_ray_cluster(platfo
             "/apis/scheduling.k8s.io/v1/priorityclasses",
             {"metadata": {"name": priority}, "value": 1000},
         )
-    for manifest in (argo_ray.config_map(job, train), argo_ray.rayjob(job, train)):
-        path = tmp_path / f"{manifest['kind']}.json"
-        path.write_text(json.dumps(manifest))
-        platform.kubectl("create", "-n", ns, "--validate=strict", "-f", str(path))
+    # the owner: the job's Workflow, suspended (its steps are driven by hand here)
+    manifest = argo.render_workflow(job)
+    manifest["spec"]["suspend"] = True
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(manifest))
+    platform.kubectl("create", "-n", ns, "-f", str(path))
+    workflow = platform.workflow(ns, manifest["metadata"]["name"])
+    train = next(s for s in build_pipeline(job) if s.kind == "train")
+    config = tmp_path / "stage.json"
+    config.write_text(stage_config(job, train, str(tmp_path / "run"), progress=False).dump())
     name = argo_ray.rayjob_name(job, train)
     assert len(name) <= 47
+    rayjobs = f"/apis/ray.io/v1/namespaces/{ns}/rayjobs"
+
+    first_log = tmp_path / "first.log"
+    supervisor = _start_supervisor(platform, config, workflow, first_log)
+    created = wait_for(lambda: platform.get(f"{rayjobs}/{name}"), 60, "the RayJob")
+    (owner,) = created["metadata"]["ownerReferences"]
+    assert owner["uid"] == workflow["metadata"]["uid"] and owner["blockOwnerDeletion"] is True
 
     def cluster_pods() -> list[dict[str, Any]]:
-        rayjob = platform.get(f"/apis/ray.io/v1/namespaces/{ns}/rayjobs/{name}")
+        rayjob = platform.get(f"{rayjobs}/{name}")
         assert rayjob.get("status", {}).get("jobDeploymentStatus") != "ValidationFailed", rayjob
         pods = platform.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=ray.io/is-ray-node%3Dyes")
         return [p for p in pods["items"] if p["spec"].get("nodeName")]
@@ -395,3 +453,38 @@ def test_the_rendered_rayjob_passes_kuberay_which_creates_its_ray_cluster(platfo
         for probe in ("livenessProbe", "readinessProbe"):
             assert "exec" not in ray_container[probe], ray_container[probe]
             assert ray_container[probe]["httpGet"]["path"] == "/api/healthz"
+
+    # the step's pod is lost (preempted) and Argo retries it: the retry adopts the RayJob
+    supervisor.kill()
+    supervisor.wait(10)
+    retried_log = tmp_path / "retried.log"
+    retried = _start_supervisor(platform, config, workflow, retried_log)
+    wait_for(lambda: "adopting RayJob" in retried_log.read_text(), 60, "the retry to adopt it")
+    _set_rayjob_status(platform, ns, name, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    out = _finished(retried, retried_log)
+    assert retried.returncode == 0, out
+    assert f"RayJob {name} succeeded" in out
+    assert platform.get(f"{rayjobs}/{name}")["metadata"]["uid"] == created["metadata"]["uid"]
+
+    # `argo retry` (or a retried step) after the RayJob ended: a new RayJob, which fails
+    rerun_log = tmp_path / "rerun.log"
+    rerun = _start_supervisor(platform, config, workflow, rerun_log)
+    replaced = wait_for(
+        lambda: (
+            (r := platform.get(f"{rayjobs}/{name}"))["metadata"]["uid"]
+            != created["metadata"]["uid"]
+            and r
+        ),
+        60,
+        "the replacing RayJob",
+    )
+    assert replaced["metadata"]["ownerReferences"][0]["uid"] == workflow["metadata"]["uid"]
+    _set_rayjob_status(
+        platform, ns, name, jobDeploymentStatus="Failed", jobStatus="FAILED",
+        reason="DeadlineExceeded", message="The RayJob has passed the activeDeadlineSeconds.",
+    )  # fmt: skip
+    out = _finished(rerun, rerun_log)
+    assert rerun.returncode == 2, out
+    assert "deleting RayJob" in out
+    assert "reason DeadlineExceeded): The RayJob has passed the activeDeadlineSeconds." in out
+    assert len(platform.get(rayjobs)["items"]) == 1  # never two Ray clusters

@@ -65,6 +65,12 @@ def render_multi_node(**spec: Any) -> dict[str, Any]:
     return argo.render_workflow(multi_node_job(**spec))
 
 
+def ray_objects(job: PSFTJob) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(RayJob, ConfigMap) that the multi-node train step's supervisor creates."""
+    train = next(s for s in build_pipeline(job) if s.kind == "train")
+    return argo_ray.rayjob(job, train), argo_ray.config_map(job, train)
+
+
 def templates(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {t["name"]: t for t in wf["spec"]["templates"]}
 
@@ -184,7 +190,11 @@ def test_no_spec_string_reaches_argos_template_engine() -> None:
     job = validate_job(s3_doc(**spec))
     ray_job = PSFTJob.model_validate(s3_doc(**spec, resources={"nodes": 2, "gpusPerNode": 8}))
     for wf in (argo.render_workflow(job), argo.render_workflow(ray_job)):
-        assert "{{" not in json.dumps(wf)
+        text = json.dumps(wf)
+        # our own use of Argo's variables: the multi-node supervisor's owner Workflow
+        for variable in ("{{workflow.name}}", "{{workflow.uid}}"):
+            text = text.replace(f'"value": "{variable}"', "")
+        assert "{{" not in text
     train = templates(argo.render_workflow(job))["train"]
     config = StageConfig.model_validate_json(
         base64.b64decode(train["inputs"]["artifacts"][0]["raw"]["data"])
@@ -276,15 +286,15 @@ def test_only_model_stages_get_the_training_size_and_gpu_placement() -> None:
             assert limits == {"memory": "512Gi", "nvidia.com/gpu": "8"}, name
             for key, value in GPU_PLACEMENT.items():
                 assert pod[key] == value, (name, key)
-    # the pods of resource steps (ConfigMap, RayJob) carry no GPU placement either
-    ray_wf = render_multi_node(resources={"nodes": 2, **GPU_PLACEMENT})
+    # the multi-node train step (the RayJob's supervisor) carries no GPU placement either
+    ray_job = multi_node_job(resources={"nodes": 2, **GPU_PLACEMENT})
+    ray_wf = argo.render_workflow(ray_job)
     assert argo.check_workflow(ray_wf) == []
-    for name in ("train-config", "train"):
-        step = templates(ray_wf)[name]
-        for key in (*GPU_PLACEMENT, "podPriorityClassName"):
-            assert key not in step and key not in ray_wf["spec"], (name, key)
+    step = templates(ray_wf)["train"]
+    for key in (*GPU_PLACEMENT, "podPriorityClassName"):
+        assert key not in step and key not in ray_wf["spec"], key
     # the Ray pods themselves are training pods
-    ray = yaml.safe_load(templates(ray_wf)["train"]["resource"]["manifest"])
+    ray, _ = ray_objects(ray_job)
     head = ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     for key, value in GPU_PLACEMENT.items():
         assert head[key] == value, key
@@ -369,24 +379,31 @@ def test_multi_node_training_is_a_rayjob() -> None:
     wf = argo.render_workflow(job)
     assert argo.check_workflow(wf) == []
     dag = tasks(wf)
-    assert dag["train-config"]["dependencies"] == ["prepare"]
-    assert dag["train"]["dependencies"] == ["train-config"]
+    assert dag["train"]["dependencies"] == ["prepare"]
     assert dag["eval"]["dependencies"] == ["train"]
-    config_step = templates(wf)["train-config"]["resource"]
-    assert config_step["action"] == "apply" and config_step["setOwnerReference"] is True
-    config_map = yaml.safe_load(config_step["manifest"])
-    kubernetes_validate.validate(config_map, K8S, strict=True)
+    # the train step runs the supervisor: small, no GPU, the stage config as for one node
+    step = templates(wf)["train"]
+    container = step["container"]
+    assert container["args"] == ["rayjob", "--config", argo.CONFIG_PATH]
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "8Gi"},
+        "limits": {"memory": "8Gi"},
+    }
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[argo_ray.WORKFLOW_NAME_ENV] == "{{workflow.name}}"
+    assert env[argo_ray.WORKFLOW_UID_ENV] == "{{workflow.uid}}"
+    assert step["outputs"]["parameters"][0]["name"] == argo.METRICS_PARAMETER
+    assert step["retryStrategy"]["limit"] == 2
     train_stage = build_pipeline(job)[1]
-    assert config_map["data"]["stage.json.b64"] == argo.stage_config_data(job, train_stage)
+    assert step["inputs"]["artifacts"][0]["raw"]["data"] == argo.stage_config_data(job, train_stage)
 
-    step = templates(wf)["train"]["resource"]
-    assert step["action"] == "create" and step["setOwnerReference"] is True
-    assert step["successCondition"] == argo_ray.RAYJOB_SUCCESS
-    assert step["failureCondition"] == argo_ray.RAYJOB_FAILURE
-    ray = yaml.safe_load(step["manifest"])
+    ray, config_map = ray_objects(job)
+    kubernetes_validate.validate(config_map, K8S, strict=True)
+    assert config_map["data"]["stage.json.b64"] == argo.stage_config_data(job, train_stage)
     assert ray["apiVersion"] == "ray.io/v1" and ray["kind"] == "RayJob"
     assert ray["metadata"]["name"] == "psft-qwen-train"
     assert ray["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert ray["metadata"]["labels"][argo.JOB_LABEL] == "qwen"
     assert ray["spec"]["entrypoint"] == "psft train --config /psft/config/stage.json.b64"
     assert ray["spec"]["backoffLimit"] == 2
     # the Ray cluster (every GPU of the job) goes as soon as the job ends
@@ -420,84 +437,22 @@ def test_ray_version_is_the_trainer_images_ray_and_gets_http_probes() -> None:
     assert (major, minor) >= (2, 53)
 
 
-def selector_requirements(condition: str) -> list[tuple[str, set[str]]]:
-    """(key, allowed values) of each requirement of a resource-step condition, for the two
-    label-selector forms the RayJob step uses: `key == value` and `key in (a, b)`."""
-    out = []
-    for part in re.split(r",\s*(?![^()]*\))", condition):
-        if match := re.fullmatch(r"([\w.]+) == (\w+)", part.strip()):
-            out.append((match[1], {match[2]}))
-        elif match := re.fullmatch(r"([\w.]+) in \((\w+(?:, \w+)*)\)", part.strip()):
-            out.append((match[1], set(match[2].split(", "))))
-        else:
-            raise AssertionError(f"requirement {part!r} is not of a form this test reads")
-    return out
-
-
-def rayjob_step_outcome(status: dict[str, Any]) -> str:
-    """What Argo's resource step does on a RayJob with this status (argo-workflows
-    workflow/executor/resource.go, matchConditions): failed as soon as ANY failure
-    requirement matches (checked first), succeeded when ALL success requirements match.
-    `==` and `in` need the field to exist, as in Kubernetes label selectors."""
-    obj = {"status": status}
-
-    def matches(key: str, values: set[str]) -> bool:
-        node: Any = obj
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node in values
-
-    if any(matches(*r) for r in selector_requirements(argo_ray.RAYJOB_FAILURE)):
-        return "failed"
-    if all(matches(*r) for r in selector_requirements(argo_ray.RAYJOB_SUCCESS)):
-        return "succeeded"
-    return "waiting"
-
-
-@pytest.mark.parametrize(
-    ("deployment", "job_status", "outcome"),
-    [
-        (None, None, "waiting"),  # just created
-        ("Initializing", None, "waiting"),
-        ("Suspended", None, "waiting"),  # Kueue has not admitted it yet
-        ("Running", "RUNNING", "waiting"),
-        ("Running", "SUCCEEDED", "waiting"),  # the submitter has not finished yet
-        ("Retrying", "FAILED", "waiting"),  # KubeRay retries it (backoffLimit)
-        ("Complete", "SUCCEEDED", "succeeded"),
-        ("Complete", "STOPPED", "failed"),  # `ray job stop`: never retried
-        ("Failed", "FAILED", "failed"),  # retries used up
-        ("Failed", "RUNNING", "failed"),  # activeDeadlineSeconds passed
-        ("Failed", None, "failed"),  # submission failed
-        ("ValidationFailed", None, "failed"),  # KubeRay >= 1.5 refused the spec
-    ],
-)
-def test_every_end_of_a_rayjob_ends_the_step(
-    deployment: str | None, job_status: str | None, outcome: str
-) -> None:
-    status = {"jobDeploymentStatus": deployment, "jobStatus": job_status}
-    status = {k: v for k, v in status.items() if v is not None}
-    assert rayjob_step_outcome(status) == outcome
-
-
 def test_active_deadline_bounds_the_workflow_its_stages_and_the_rayjob() -> None:
     day = 86400
     wf = render(activeDeadlineSeconds=day)
     assert wf["spec"]["activeDeadlineSeconds"] == day
     stages = [t for name, t in templates(wf).items() if name != "psft"]
     assert stages and all(t["activeDeadlineSeconds"] == day for t in stages)
-    ray_wf = render_multi_node(resources={"nodes": 2}, activeDeadlineSeconds=day)
+    ray_job = multi_node_job(resources={"nodes": 2}, activeDeadlineSeconds=day)
+    ray_wf = argo.render_workflow(ray_job)
     assert argo.check_workflow(ray_wf) == []
-    ray_steps = templates(ray_wf)
-    assert ray_steps["train"]["activeDeadlineSeconds"] == day
-    assert ray_steps["train-config"]["activeDeadlineSeconds"] == day
-    ray = yaml.safe_load(ray_steps["train"]["resource"]["manifest"])
+    assert templates(ray_wf)["train"]["activeDeadlineSeconds"] == day
+    ray, _ = ray_objects(ray_job)
     assert ray["spec"]["activeDeadlineSeconds"] == day
 
     plain = render()
     assert "activeDeadlineSeconds" not in json.dumps(plain)
-    plain_ray = yaml.safe_load(
-        templates(render_multi_node(resources={"nodes": 2}))["train"]["resource"]["manifest"]
-    )
+    plain_ray, _ = ray_objects(multi_node_job(resources={"nodes": 2}))
     assert "activeDeadlineSeconds" not in plain_ray["spec"]
     for bad in (0, -5):
         with pytest.raises(InvalidJob) as exc:
@@ -510,17 +465,17 @@ DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
-def all_labels(wf: dict[str, Any]) -> list[dict[str, str]]:
-    """Every label map of a Workflow, of its templates and of the objects its steps create."""
+def all_labels(wf: dict[str, Any], *children: dict[str, Any]) -> list[dict[str, str]]:
+    """Every label map of a Workflow, of its templates and of the objects (RayJob,
+    ConfigMap) created beside it, with the Ray pods' templates."""
     found = [wf["metadata"]["labels"], wf["spec"]["podMetadata"]["labels"]]
     for template in wf["spec"]["templates"]:
         found.append((template.get("metadata") or {}).get("labels") or {})
-        if "resource" in template:
-            manifest = yaml.safe_load(template["resource"]["manifest"])
-            found.append(manifest["metadata"]["labels"])
-            cluster = manifest.get("spec", {}).get("rayClusterSpec", {})
-            groups = [cluster.get("headGroupSpec"), *cluster.get("workerGroupSpecs", [])]
-            found += [g["template"]["metadata"]["labels"] for g in groups if g]
+    for manifest in children:
+        found.append(manifest["metadata"]["labels"])
+        cluster = manifest.get("spec", {}).get("rayClusterSpec", {})
+        groups = [cluster.get("headGroupSpec"), *cluster.get("workerGroupSpecs", [])]
+        found += [g["template"]["metadata"]["labels"] for g in groups if g]
     return found
 
 
@@ -539,9 +494,7 @@ def test_longest_job_name_keeps_child_names_valid() -> None:
             # Argo's pod names (POD_NAMES=v2): <workflow>-<template>-<fnv32 of the node>
             pod_name = f"{wf['metadata']['name']}-{template['name']}-{2**32 - 1}"
             assert len(pod_name) <= 253 and DNS_1123_SUBDOMAIN.fullmatch(pod_name)
-        steps = templates(wf)
-        ray = yaml.safe_load(steps["train"]["resource"]["manifest"])
-        config_map = yaml.safe_load(steps["train-config"]["resource"]["manifest"])
+        ray, config_map = ray_objects(job)
         ray_name = ray["metadata"]["name"]
         assert len(ray_name) <= argo_ray.RAYJOB_NAME_MAX == 47, ray_name
         assert DNS_1035.fullmatch(ray_name) and ray_name.endswith("-train"), ray_name
@@ -553,20 +506,19 @@ def test_longest_job_name_keeps_child_names_valid() -> None:
         volumes = ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
         (config_volume,) = [v for v in volumes if v["name"] == "stage-config"]
         assert config_volume["configMap"]["name"] == config_map["metadata"]["name"]
-        for labels in all_labels(wf):
+        for labels in all_labels(wf, ray, config_map):
             for key, value in labels.items():
                 assert len(value) <= 63 and LABEL_VALUE.fullmatch(value), (key, value)
         rayjobs.append(ray_name)
     assert len(set(rayjobs)) == len(names), rayjobs
-    short = yaml.safe_load(
-        templates(render_multi_node(resources={"nodes": 2}))["train"]["resource"]["manifest"]
-    )
+    short, _ = ray_objects(multi_node_job(resources={"nodes": 2}))
     assert short["metadata"]["name"] == "psft-qwen-train"
 
 
 def test_volcano_rayjob_labels() -> None:
-    wf = render_multi_node(resources={"nodes": 2, "schedulerName": "volcano", "queue": "q1"})
-    ray = yaml.safe_load(templates(wf)["train"]["resource"]["manifest"])
+    ray, _ = ray_objects(
+        multi_node_job(resources={"nodes": 2, "schedulerName": "volcano", "queue": "q1"})
+    )
     assert ray["metadata"]["labels"]["ray.io/scheduler-name"] == "volcano"
     assert ray["metadata"]["labels"]["volcano.sh/queue-name"] == "q1"
 
