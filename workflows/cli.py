@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from psft.workflows.errors import UserError
+from psft.workflows.spec_file import SpecFileError
 from psft.workflows.validate import InvalidJob, load_job
 
 STAGE_MODULES = {
@@ -24,16 +25,20 @@ STAGE_MODULES = {
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    failed = 0
+    """Every file is checked; exit 2 if a file itself is the problem, else 1 on field errors."""
+    worst = 0
     for path in args.files:
         try:
             job = load_job(path)
+        except SpecFileError as exc:
+            print(f"psft validate: error: {exc}", file=sys.stderr)
+            worst = 2
         except InvalidJob as exc:
             print(exc, file=sys.stderr)
-            failed += 1
+            worst = max(worst, 1)
         else:
             print(f"{path}: valid PSFTJob {job.metadata.name!r}")
-    return 1 if failed else 0
+    return worst
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@ import yaml
 from pydantic import ValidationError
 
 from psft.workflows import layout, run_folder
-from psft.workflows.errors import UserError
+from psft.workflows.errors import UserError, shown
+from psft.workflows.paths import PathProblem, is_s3_uri, local_folder, with_local_paths_resolved
 from psft.workflows.pipeline import Stage, build_pipeline
 from psft.workflows.spec import PSFTJob
 from psft.workflows.stages import stage_config
@@ -44,13 +45,32 @@ class StageResult:
 def with_runs_dir(job: PSFTJob, runs_dir: str | None) -> PSFTJob:
     if runs_dir is None:
         return job
+    if is_s3_uri(runs_dir):
+        raise UserError(
+            f"--runs-dir: {shown(runs_dir)} is an S3 URI, but runs go to a local folder: for "
+            "S3 set spec.storage.type: s3 and spec.storage.s3"
+        )
+    try:
+        local_folder(runs_dir)
+    except PathProblem as exc:
+        raise UserError(f"--runs-dir: {exc}") from None
     job = job.model_copy(deep=True)
     try:
         job.spec.storage.local.path = runs_dir
     except ValidationError as exc:
         reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
-        raise UserError(f"--runs-dir {runs_dir!r}: {reason}") from None
+        raise UserError(f"--runs-dir {shown(runs_dir)}: {reason}") from None
     return job
+
+
+def local_job(job: PSFTJob, runs_dir: str | None) -> PSFTJob:
+    """The job as this machine runs it: `--runs-dir` applied, and every `~` path and
+    `file:` URI written as the path it names (psft.workflows.paths), so each stage, the run
+    folder and spec.yaml see the same paths."""
+    try:
+        return with_local_paths_resolved(with_runs_dir(job, runs_dir))
+    except PathProblem as exc:  # validate_job refuses these first; a job built in code may not
+        raise UserError(str(exc)) from None
 
 
 def stage_argv(kind: str, config_path: Path) -> list[str]:
@@ -66,14 +86,12 @@ def _prepare_run_dir(job: PSFTJob, fresh: bool) -> Path:
     spec_file = run_dir / layout.SPEC
     digest = spec_digest(job)
     run_folder.claim(run_dir, job.metadata.name, fresh=fresh)
-    if spec_file.exists():
-        earlier = yaml.safe_load(spec_file.read_text()) or {}
-        annotations = earlier.get("metadata", {}).get("annotations", {})
-        if annotations.get(run_folder.DIGEST_ANNOTATION) != digest:
-            raise UserError(
-                f"{run_dir} holds a run of a different spec for job {job.metadata.name!r}; "
-                "rerun with --fresh to discard it, or change metadata.name"
-            )
+    if spec_file.exists() and run_folder.spec_digest_in(spec_file) != digest:
+        raise UserError(
+            f"{run_dir} holds a run of a different spec for job {job.metadata.name!r} (or a "
+            f"{layout.SPEC} psft cannot read); rerun with --fresh to discard it, or change "
+            "metadata.name"
+        )
     resolved = job.to_wire()
     resolved.setdefault("metadata", {}).setdefault("annotations", {})[
         run_folder.DIGEST_ANNOTATION
@@ -113,7 +131,7 @@ def run_local(
     from rich.console import Console
 
     console = Console(stderr=True)
-    job = with_runs_dir(job, runs_dir)
+    job = local_job(job, runs_dir)
     stages = build_pipeline(job)
     names = [s.name for s in stages]
     if only:

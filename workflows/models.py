@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+
+from psft.workflows.paths import PathProblem, is_s3_uri, local_path
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ def context_length_of(source: str) -> int | None:
     """Context length of a registered name or a local HF folder; None when unknown."""
     if source in REGISTERED_MODELS:
         return REGISTERED_MODELS[source].context_length
-    config = Path(source) / "config.json"
-    if not source.startswith("s3://") and config.is_file():
+    if is_s3_uri(source):
+        return None
+    try:
+        config = local_path(source) / "config.json"
+    except PathProblem:
+        return None  # the path rule of validation reports it
+    if config.is_file():
         try:
             value = json.loads(config.read_text()).get("max_position_embeddings")
         except (OSError, json.JSONDecodeError):

@@ -14,10 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from psft.workflows import layout
 from psft.workflows.errors import UserError
+from psft.workflows.spec_file import SpecFileError, read_document
 
 MARKER = ".psft-run"
 STAGES_DIR = "stages"
@@ -28,18 +27,23 @@ OWN_ENTRIES = ("data", "train", "grpo", "eval", "eval-grpo", "report", STAGES_DI
 OWN_FILES = (layout.SPEC, layout.SUMMARY)
 
 
+def spec_digest_in(spec_file: Path) -> str | None:
+    """The spec digest psft wrote into a run's spec.yaml; None when there is none, or the
+    file is not one psft could have written (read with the bounded loader: a run folder may
+    hold anything)."""
+    try:
+        doc = read_document(spec_file)
+    except SpecFileError:
+        return None
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    digest = annotations.get(DIGEST_ANNOTATION) if isinstance(annotations, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 def _is_legacy_run(path: Path) -> bool:
     spec = path / layout.SPEC
-    if not spec.is_file():
-        return False
-    try:
-        doc = yaml.safe_load(spec.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
-        return False
-    annotations = (
-        (doc or {}).get("metadata", {}).get("annotations", {}) if isinstance(doc, dict) else {}
-    )
-    return isinstance(annotations, dict) and DIGEST_ANNOTATION in annotations
+    return spec.is_file() and spec_digest_in(spec) is not None
 
 
 def is_run_folder(path: Path) -> bool:
@@ -47,6 +51,13 @@ def is_run_folder(path: Path) -> bool:
 
 
 def _check_claimable(path: Path, job_name: str) -> None:
+    try:
+        _refuse_foreign(path, job_name)
+    except OSError as exc:  # a parent folder psft may not search, a name too long, ...
+        raise UserError(f"cannot use run folder {path}: {exc.strerror or exc}") from None
+
+
+def _refuse_foreign(path: Path, job_name: str) -> None:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UserError(
             f"run folder {path} exists and is not a folder; choose another --runs-dir or "

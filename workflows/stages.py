@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from psft.workflows.pipeline import Stage, StageKind
 from psft.workflows.spec import PSFTJob
+from psft.workflows.spec_file import SpecFileError, parse_json, read_text
+from psft.workflows.validate import schema_errors
 
 
 class StageConfig(BaseModel):
@@ -61,11 +62,26 @@ def encode_stage_config(config_json: str) -> str:
     return base64.b64encode(config_json.encode()).decode()
 
 
+MAX_STAGE_CONFIG_BYTES = 8 << 20
+"""A stage config carries the resolved job (a spec file holds at most 1 MiB), base64 in a pod."""
+
+
 def read_stage_config(path: str | Path) -> StageConfig:
-    text = Path(path).read_text()
+    """The stage config in `path`; SpecFileError (one line, the file and the fix) otherwise."""
+    text = read_text(path, MAX_STAGE_CONFIG_BYTES, "a stage config")
     if str(path).endswith(ENCODED_SUFFIX):
         try:
             text = base64.b64decode(text.strip(), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not base64 of a UTF-8 stage config: {exc}") from None
-    return StageConfig.model_validate(json.loads(text))
+            raise SpecFileError(path, f"not base64 of a UTF-8 stage config: {exc}") from None
+    try:
+        return StageConfig.model_validate(parse_json(text))
+    except ValueError as exc:  # parse_json's, or pydantic's ValidationError
+        raise SpecFileError(path, _stage_config_problem(exc)) from None
+
+
+def _stage_config_problem(exc: ValueError) -> str:
+    if not isinstance(exc, ValidationError):
+        return f"not valid JSON: {exc}"
+    errors = "; ".join(str(e) for e in schema_errors(exc))
+    return f"not a stage config written by psft ({errors}); `psft run` and the operator write them"

@@ -1,12 +1,13 @@
 """Validation of PSFTJob documents: schema errors and cross-field rules, all at once.
 
 Every message names the field path (camelCase, as the user wrote it) and what would be
-valid. The operator and `psft validate` call the same `validate_job`.
+valid, and shows an offending value cut short (psft.workflows.errors.shown). The operator
+and `psft validate` call the same `validate_job`.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -15,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from psft.workflows.errors import MAX_SHOWN_VALUE, clipped, shown
 from psft.workflows.models import context_length_of
+from psft.workflows.paths import (
+    PATH_FIELDS,
+    STORAGE_LOCAL_PATH,
+    path_value_problem,
+    path_values,
+)
 from psft.workflows.spec import PSFTJob
+from psft.workflows.spec_file import read_document
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,13 @@ class FieldError:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        # a path holds a key the user wrote (an unknown field can be 100 KB long)
+        path = clipped(self.path, MAX_SHOWN_VALUE)
+        return clipped(f"{path}: {self.message}" if path else self.message)
+
+
+MAX_LISTED_ERRORS = 50
+"""Errors an InvalidJob message lists; `errors` keeps them all."""
 
 
 class InvalidJob(ValueError):
@@ -38,8 +52,10 @@ class InvalidJob(ValueError):
         self.errors = errors
         self.source = source
         where = f"{source}: " if source else ""
-        lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"{where}{len(errors)} error(s) in PSFTJob\n{lines}")
+        lines = [f"  - {e}" for e in errors[:MAX_LISTED_ERRORS]]
+        if len(errors) > MAX_LISTED_ERRORS:
+            lines.append(f"  - … and {len(errors) - MAX_LISTED_ERRORS} more")
+        super().__init__(f"{where}{len(errors)} error(s) in PSFTJob\n" + "\n".join(lines))
 
 
 def _loc_to_path(loc: Iterable[Any]) -> str:
@@ -100,7 +116,8 @@ def _looks_like_number(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _schema_errors(exc: ValidationError) -> list[FieldError]:
+def schema_errors(exc: ValidationError) -> list[FieldError]:
+    """pydantic's errors as FieldErrors: wire paths, plain words, values cut short."""
     errors = []
     for err in exc.errors(include_url=False):
         path = _loc_to_path(err["loc"])
@@ -115,11 +132,11 @@ def _schema_errors(exc: ValidationError) -> list[FieldError]:
             # string (an exponent needs a '.'): pydantic's own messages speak of strings
             bound = _maximum_at(err["loc"])
             limit = f" at most {bound}" if bound is not None else ""
-            msg = f"must be a whole number{limit}, written in digits (got {err['input']!r})"
+            msg = f"must be a whole number{limit}, written in digits (got {shown(err['input'])})"
         else:
             msg = err["msg"]
             if "input" in err and not isinstance(err["input"], dict | list):
-                msg = f"{msg} (got {err['input']!r})"
+                msg = f"{msg} (got {shown(err['input'])})"
         errors.append(FieldError(path, msg))
     return errors
 
@@ -214,40 +231,67 @@ def _eval(job: PSFTJob) -> Iterable[FieldError]:
         if isinstance(b, str) and b not in REGISTERED_BENCHMARKS:
             yield FieldError(
                 f"spec.eval.benchmarks[{i}]",
-                f"unknown benchmark {b!r}; registered: {', '.join(sorted(REGISTERED_BENCHMARKS))}"
+                f"unknown benchmark {shown(b)}; registered: "
+                f"{', '.join(sorted(REGISTERED_BENCHMARKS))}"
                 " (or give {name, path, type} for a custom file)",
             )
         if name in seen:
-            yield FieldError(f"spec.eval.benchmarks[{i}]", f"benchmark {name!r} is listed twice")
+            yield FieldError(
+                f"spec.eval.benchmarks[{i}]", f"benchmark {shown(name)} is listed twice"
+            )
         seen.add(name)
 
 
-RULES: list[Rule] = [_batch_sizes, _context_length, _storage, _grpo, _resources, _eval]
+def _paths(job: PSFTJob) -> Iterable[FieldError]:
+    """Every local path a field holds names one (psft.workflows.paths resolves them)."""
+    fields = tuple(f for f in PATH_FIELDS if f != STORAGE_LOCAL_PATH)  # checked before parsing
+    for item in path_values({"spec": job.spec.to_wire()}, fields):
+        problem = path_value_problem(item)
+        if problem:
+            yield FieldError(item.where, problem)
+
+
+RULES: list[Rule] = [_batch_sizes, _context_length, _storage, _grpo, _resources, _eval, _paths]
+
+
+def _storage_path_checked(data: dict[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
+    """spec.storage.local.path checked before the schema sees it, whose validator expands `~`
+    and raises RuntimeError, not a field error, for `~name` of no user: the document without
+    a bad value (the schema then checks the rest), and the error."""
+    bad = [
+        (i.where, p)
+        for i in path_values(data, (STORAGE_LOCAL_PATH,))
+        if (p := path_value_problem(i))
+    ]
+    if not bad:
+        return data, []
+    data = copy.deepcopy(data)
+    for item in path_values(data, (STORAGE_LOCAL_PATH,)):
+        del item.holder[item.key]
+    return data, [FieldError(where, problem) for where, problem in bad]
 
 
 def validate_job(data: dict[str, Any], source: str = "") -> PSFTJob:
     """Parse and check a PSFTJob document; raise InvalidJob listing every error."""
     if not isinstance(data, dict):
         raise InvalidJob([FieldError("", "a PSFTJob must be a YAML mapping")], source)
+    data, errors = _storage_path_checked(data)
     try:
         job = PSFTJob.model_validate(data)
     except ValidationError as exc:
-        raise InvalidJob(_schema_errors(exc), source) from None
-    errors = [e for rule in RULES for e in rule(job)]
+        raise InvalidJob(errors + schema_errors(exc), source) from None
+    errors += [e for rule in RULES for e in rule(job)]
     if errors:
         raise InvalidJob(errors, source)
     return job
 
 
 def load_job(path: str | Path) -> PSFTJob:
-    """Read and validate a PSFTJob YAML or JSON file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidJob([FieldError("", f"cannot read file: {exc.strerror}")], str(path)) from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise InvalidJob([FieldError("", f"not valid YAML/JSON: {exc}")], str(path)) from None
+    """Read and validate a PSFTJob YAML or JSON file.
+
+    SpecFileError when the file itself is the problem, InvalidJob when its fields are. The
+    `status` of a file is ignored: only the operator writes it, on the cluster."""
+    data = read_document(path)
+    if isinstance(data, dict):
+        data.pop("status", None)
     return validate_job(data, str(path))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from psft.workflows.spec import SEED_SYSTEM_PROMPT, PSFTJob
+from psft.workflows.spec_file import SpecFileError
 from psft.workflows.validate import InvalidJob, load_job, validate_job
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "workflows"))
@@ -136,11 +137,13 @@ def test_cli_validate_prints_every_error_and_exits_1(tmp_path: Path) -> None:
 
 
 def test_load_job_reports_unreadable_and_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(InvalidJob, match="cannot read file"):
+    # problems of the file itself, not of its fields: psft exits 2 for them (tests/spec/
+    # test_spec_files.py has every kind)
+    with pytest.raises(SpecFileError, match="cannot read file"):
         load_job(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [unclosed")
-    with pytest.raises(InvalidJob, match="not valid YAML"):
+    with pytest.raises(SpecFileError, match="not valid YAML"):
         load_job(broken)
 
 
