@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,46 @@ def test_a_namespace_without_the_workflow_service_account_is_reported_then_runs(
     wf = _workflow_of(platform, ns, "elsewhere")
     assert wf["spec"]["serviceAccountName"] == "psft-workflow"
     platform.kubectl("delete", "-n", ns, "psftjob/elsewhere", "--wait=false")
+
+
+def test_a_finished_job_whose_workflow_argo_removed_is_not_run_again(platform, tmp_path):
+    """ttlSecondsAfterFinished: Argo's own TTL controller deletes the finished Workflow; the
+    job keeps its Succeeded record and the operator does not create the Workflow again, not
+    even when it handles the job anew (an update, as after an operator restart)."""
+    doc, path = _example("llama3.1-8b.yaml", tmp_path, new_name="short-lived")
+    doc["spec"]["ttlSecondsAfterFinished"] = {"success": 2}
+    path.write_text(yaml.safe_dump(doc))
+    ns = doc["metadata"]["namespace"]
+    platform.apply(path)
+    workflow = _workflow_of(platform, ns, "short-lived")
+    wf = workflow["metadata"]["name"]
+    _drive(platform, ns, wf)
+    status = _job_status(platform, ns, "short-lived", "Succeeded")
+    wait_for(
+        lambda: not [w for w in platform.workflows(ns) if w["metadata"]["name"] == wf],
+        60,
+        "Argo's TTL controller to delete the finished Workflow",
+    )
+    # the operator handles the job again: a label change is an update it reconciles
+    platform.kubectl("label", "-n", ns, "psftjob/short-lived", "reviewed=yes")
+    wait_for(
+        lambda: (
+            "reviewed"
+            in (
+                platform.job(ns, "short-lived")["metadata"]["annotations"].get(
+                    "psft.dev/last-handled-configuration", ""
+                )
+            )
+        ),
+        30,
+        "the operator to handle the update (kopf records what it handled)",
+    )
+    for _ in range(10):  # a window for a wrongly recreated Workflow to show up
+        assert not [w for w in platform.workflows(ns) if w["metadata"]["name"] == wf]
+        assert platform.job(ns, "short-lived")["status"]["phase"] == "Succeeded"
+        time.sleep(0.5)
+    kept = platform.job(ns, "short-lived")["status"]
+    assert kept["metrics"] == status["metrics"] and kept["bestAvgAtK"] == status["bestAvgAtK"]
 
 
 def _patch_spec(platform: Platform, ns: str, name: str, spec: dict[str, Any]) -> None:
