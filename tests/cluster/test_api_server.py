@@ -105,3 +105,16 @@ def test_the_server_rejects_what_validate_rejects_at_the_same_field(
     proc = _apply(kubectl, tmp_path, doc)
     assert proc.returncode != 0, proc.stdout
     assert field in proc.stderr, proc.stderr
+
+
+def test_argos_executor_builds_from_its_module_with_its_linux_signal_file() -> None:
+    """argoexec (the executor real pods need) builds from the pinned Argo module once the
+    build restores the repository's symbolic link signal_linux.go, which module zips drop."""
+    import subprocess
+
+    from servers.cluster.build import ensure_built
+
+    argoexec = ensure_built("argo") / "bin" / "argoexec"
+    out = subprocess.run([str(argoexec), "--help"], capture_output=True, text=True, check=True)
+    for command in ("emissary", "init", "wait", "resource"):
+        assert f"\n  {command} " in out.stdout, out.stdout

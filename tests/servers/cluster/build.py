@@ -45,6 +45,9 @@ class Component:
     sibling_modules: tuple[str, ...] = ()
     version_ldflags: str | None = None
     crds: str | None = None
+    symlinks: tuple[tuple[str, str], ...] = ()
+    """(path, target) of symbolic links in the upstream repository: module zips leave links
+    out, so the build copies the module and puts each link back before building."""
 
     @property
     def digest(self) -> str:
@@ -64,6 +67,7 @@ def load_components(path: Path = VERSIONS_FILE) -> dict[str, Component]:
             sibling_modules=tuple(entry.get("sibling_modules", ())),
             version_ldflags=entry.get("version_ldflags"),
             crds=entry.get("crds"),
+            symlinks=tuple(sorted(entry.get("symlinks", {}).items())),
         )
         for name, entry in data.items()
     }
@@ -126,9 +130,14 @@ def _upstream_replaces(gomod: str, component: Component) -> list[str]:
     return lines
 
 
-def _write_wrapper(component: Component, src: Path, upstream_gomod: str) -> None:
+def _write_wrapper(
+    component: Component, src: Path, upstream_gomod: str, local_copy: str | None = None
+) -> None:
     go_version = GO_DIRECTIVE.search(upstream_gomod)
-    replaces = "\n".join(f"\t{line}" for line in _upstream_replaces(upstream_gomod, component))
+    lines = _upstream_replaces(upstream_gomod, component)
+    if local_copy:
+        lines.append(f"{component.module} => ./{local_copy}")
+    replaces = "\n".join(f"\t{line}" for line in lines)
     src.mkdir(parents=True, exist_ok=True)
     (src / "go.mod").write_text(
         f"module psft.test/build/{component.name}\n\n"
@@ -136,6 +145,22 @@ def _write_wrapper(component: Component, src: Path, upstream_gomod: str) -> None
         f"require {component.module} {component.version}\n\n"
         f"replace (\n{replaces}\n)\n"
     )
+
+
+def _restore_symlinks(component: Component, module_dir: Path, src: Path) -> str:
+    """A writable copy of the module (under `src`) with its symbolic links put back."""
+    copy = src / "upstream"
+    shutil.copytree(module_dir, copy)
+    for path in copy.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    for link, target in component.symlinks:
+        where = copy / link
+        if where.exists():
+            raise BuildError(
+                f"{component.name}: {link} exists in the module; drop it from symlinks"
+            )
+        where.symlink_to(target)
+    return copy.name
 
 
 def _ldflags(component: Component) -> str:
@@ -163,7 +188,10 @@ def _build(component: Component, dest: Path) -> None:
         raise BuildError(
             f"{component.name}: {component.module}@{component.version}: {info['Error']}"
         )
-    _write_wrapper(component, src, Path(info["GoMod"]).read_text())
+    local_copy = (
+        _restore_symlinks(component, Path(info["Dir"]), src) if component.symlinks else None
+    )
+    _write_wrapper(component, src, Path(info["GoMod"]).read_text(), local_copy)
     _go(["get", f"{component.module}@{component.version}"], src, component.name)
     bin_dir = work / "bin"
     bin_dir.mkdir()
