@@ -1,4 +1,11 @@
-"""AdamW with linear warm-up, then a constant or cosine schedule (stepped once per step)."""
+"""AdamW with verl's learning-rate schedule: linear warm-up from 0, then constant or cosine.
+
+The schedule is verl's own (verl.utils.torch_functional `get_constant_schedule_with_warmup`
+and `get_cosine_schedule_with_warmup`, as verl's FSDP engine builds them for an actor with
+`min_lr_ratio` 0, `num_cycles` 0.5 and 0-indexed steps), which is also the seed's (verl 0.5):
+a test compares it with verl's functions value by value. The verl engine path uses verl's
+scheduler itself, configured to the same thing by `psft.trainer.verl.config`.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +14,28 @@ from collections.abc import Iterable
 
 import torch
 
+SCHEDULES = ("constant", "cosine")
+
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate for 0-based training step `step`.
 
-    Warm-up is linear over the first `warmup_steps` steps, reaching the peak at the last
-    warm-up step (step 0 trains at peak/warmup, never at 0). Then `constant` stays at the
-    peak and `cosine` decays to 0 at `total_steps`.
+    Warm-up is linear from 0 over the first `warmup_steps` steps: step s < warmup trains at
+    s / warmup (so step 0 trains at lr 0, as in verl and the seed: AdamW's moments see its
+    gradient, the weights do not move) and the peak is reached at step `warmup_steps`.
+    Then `constant` stays at the peak and `cosine` follows half a cosine from the peak at
+    step `warmup_steps` to 0 at `total_steps`.
     """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r} (constant, cosine)")
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        span = max(total_steps - warmup_steps, 1)
-        progress = min(max(step - warmup_steps, 0) / span, 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {schedule!r} (constant, cosine)")
+    # written as verl writes it (min_lr_ratio 0: coefficient and intercept 0.5), so the
+    # floating-point result is the same number, not merely a close one
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    return max(0.0, math.cos(math.pi * progress) * 0.5 + 0.5)
 
 
 def build_optimizer(

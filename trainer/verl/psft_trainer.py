@@ -288,21 +288,6 @@ class PSFTTrainer(SFTTrainer):
             drop_last=True,
         )
 
-    def _init_engine(self) -> None:
-        super()._init_engine()
-        # the native engine's schedule (warm-up step 0 trains at peak/warmup, not at 0),
-        # also where verl's checkpoints save and restore it
-        from psft.trainer.engine.optim import build_scheduler
-
-        scheduler = build_scheduler(
-            self.engine.optimizer,
-            warmup_steps=int(self.config.psft.warmup_steps),
-            total_steps=int(self.total_training_steps),
-            schedule=str(self.config.psft.lr_scheduler),
-        )
-        self.engine.lr_scheduler = scheduler
-        self.engine.checkpoint_manager.lr_scheduler = scheduler
-
     def _meta_info(self) -> dict[str, Any]:
         return {
             "use_remove_padding": self.config.model.use_remove_padding,
