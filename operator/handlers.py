@@ -29,6 +29,9 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     )
     settings.persistence.finalizer = "psft.dev/artifacts"
     settings.posting.level = logging.WARNING  # our handlers post the meaningful Events
+    # a crashed replica's peering record expires after this; the standby (or the restarted
+    # operator) then takes over: 20 s, not kopf's 60 (keep-alives every 10-15 s)
+    settings.peering.lifetime = 20
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
@@ -92,18 +95,26 @@ def _owned_workflow(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.on.event(*WORKFLOWS, when=_owned_workflow, registry=REGISTRY)
-def workflow_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """Mirror an owned Workflow's progress into its PSFTJob's status."""
+def workflow_changed(body: kopf.Body, type: str | None, logger: logging.Logger, **_: Any) -> None:
+    """Mirror an owned Workflow's progress into its PSFTJob's status. kopf never retries an
+    event handler: a sync that fails temporarily is retried here (reconcile.resync_later),
+    or the Workflow's last change (Failed, Succeeded) would never reach the status."""
     owner = reconcile.owner_of(_workflow_view(body))
     if owner is None:
         return
+    namespace = body["metadata"]["namespace"]
     with _measured() as outcome:
         workflow = _workflow_view(body) if type != "DELETED" else None
-        namespace = body["metadata"]["namespace"]
         if workflow is not None and reconcile.already_synced(namespace, owner[0], workflow):
             outcome.result = "ok"
             return  # the status already reflects this very version of the Workflow
-        reconcile.sync_status(body["metadata"]["namespace"], owner[0], workflow_seen=workflow)
+        try:
+            reconcile.sync_status(namespace, owner[0], workflow_seen=workflow)
+        except kopf.TemporaryError as exc:
+            logger.warning(f"{exc}; syncing the status of {namespace}/{owner[0]} again soon")
+            reconcile.resync_later(namespace, owner[0], logger)
+            outcome.result = "retry"
+            return
         outcome.result = "ok"
 
 

@@ -13,12 +13,16 @@ from typing import Any
 
 import kopf
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 JOB_GROUP, JOB_VERSION, JOB_PLURAL = "psft.dev", "v1alpha1", "psftjobs"
 WF_GROUP, WF_VERSION, WF_PLURAL = "argoproj.io", "v1alpha1", "workflows"
 
 USER_AGENT = "psft-operator"
+REQUEST_TIMEOUT = (5.0, 30.0)
+"""(connect, read) seconds of each call: a server that stops answering must not hold a
+handler forever; the timeout is a temporary error and the call is retried."""
 
 Obj = dict[str, Any]
 
@@ -60,7 +64,7 @@ def _objects() -> kubernetes.client.CustomObjectsApi:
 def get_job(namespace: str, name: str) -> Obj | None:
     try:
         return _objects().get_namespaced_custom_object(
-            JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name
+            JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name, _request_timeout=REQUEST_TIMEOUT
         )
     except ApiException as exc:
         if exc.status == 404:
@@ -72,14 +76,14 @@ def patch_job_status(namespace: str, name: str, patch: Obj, resource_version: st
     """Merge-patch status, failing with 409 if the job changed since `resource_version`."""
     body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
     return _objects().patch_namespaced_custom_object_status(
-        JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name, body
+        JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
     )
 
 
 def get_workflow(namespace: str, name: str) -> Obj | None:
     try:
         return _objects().get_namespaced_custom_object(
-            WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name
+            WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name, _request_timeout=REQUEST_TIMEOUT
         )
     except ApiException as exc:
         if exc.status == 404:
@@ -89,13 +93,13 @@ def get_workflow(namespace: str, name: str) -> Obj | None:
 
 def create_workflow(namespace: str, workflow: Obj) -> Obj:
     return _objects().create_namespaced_custom_object(
-        WF_GROUP, WF_VERSION, namespace, WF_PLURAL, workflow
+        WF_GROUP, WF_VERSION, namespace, WF_PLURAL, workflow, _request_timeout=REQUEST_TIMEOUT
     )
 
 
 def patch_workflow(namespace: str, name: str, patch: Obj) -> Obj:
     return _objects().patch_namespaced_custom_object(
-        WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name, patch
+        WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name, patch, _request_timeout=REQUEST_TIMEOUT
     )
 
 
@@ -108,6 +112,7 @@ def delete_workflow(namespace: str, name: str) -> None:
             WF_PLURAL,
             name,
             body=kubernetes.client.V1DeleteOptions(propagation_policy="Background"),
+            _request_timeout=REQUEST_TIMEOUT,
         )
     except ApiException as exc:
         if exc.status != 404:
@@ -117,7 +122,9 @@ def delete_workflow(namespace: str, name: str) -> None:
 def service_account_exists(namespace: str, name: str) -> bool:
     client = _client or connect()
     try:
-        kubernetes.client.CoreV1Api(client).read_namespaced_service_account(name, namespace)
+        kubernetes.client.CoreV1Api(client).read_namespaced_service_account(
+            name, namespace, _request_timeout=REQUEST_TIMEOUT
+        )
     except ApiException as exc:
         if exc.status == 404:
             return False
@@ -129,7 +136,9 @@ def read_secret(namespace: str, name: str) -> dict[str, str]:
     import base64
 
     client = _client or connect()
-    secret = kubernetes.client.CoreV1Api(client).read_namespaced_secret(name, namespace)
+    secret = kubernetes.client.CoreV1Api(client).read_namespaced_secret(
+        name, namespace, _request_timeout=REQUEST_TIMEOUT
+    )
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
@@ -143,7 +152,8 @@ def retry_after(exc: ApiException, default: float) -> float:
 
 @contextlib.contextmanager
 def retry_on_api_error(what: str) -> Iterator[None]:
-    """API failures that may pass (5xx, 429, 409 races, timeouts) -> kopf.TemporaryError.
+    """API failures that may pass (5xx, 429, 409 races, timeouts, a connection lost before
+    the answer) -> kopf.TemporaryError.
 
     429 honours Retry-After. Client errors that will not pass by retrying (403, 422, ...)
     -> kopf.PermanentError with the server's message.
@@ -156,7 +166,13 @@ def retry_on_api_error(what: str) -> Iterator[None]:
             message = f"{what}: HTTP {exc.status} {exc.reason}"
             raise kopf.TemporaryError(message, delay=delay) from None
         raise kopf.PermanentError(f"{what}: HTTP {exc.status} {api_message(exc)}") from None
-    except (OSError, kubernetes.client.exceptions.OpenApiException) as exc:
+    except (
+        OSError,
+        urllib3.exceptions.HTTPError,
+        kubernetes.client.exceptions.OpenApiException,
+    ) as exc:
+        # urllib3's errors (ProtocolError: the connection closed before the answer; read
+        # timeouts) are not OSErrors: unconverted, kopf would wait 60 s before retrying
         raise kopf.TemporaryError(f"{what}: {exc}", delay=2.0) from None
 
 

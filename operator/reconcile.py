@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from psft.operator import kube
@@ -222,6 +223,11 @@ def _create_or_adopt(body: Obj, desired: Obj, logger: Any) -> Obj:
     wf_name = desired["metadata"]["name"]
     try:
         created = kube.create_workflow(namespace, desired)
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
+        # no answer (connection lost, timeout): the Workflow may exist; the retry adopts it
+        raise kopf.TemporaryError(
+            f"creating Workflow {wf_name}: no answer ({exc}); retrying", delay=2
+        ) from None
     except ApiException as exc:
         if exc.status == 409:
             with kube.retry_on_api_error(f"reading Workflow {wf_name}"):
@@ -323,6 +329,39 @@ def sync_status(
             _post_transition_events(body, current, desired)
             return desired
         raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=1)
+
+
+RESYNC_DELAYS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+"""Waits between retries of a status sync that failed where kopf does not retry (an event
+handler: the Workflow's progress); after the last, the next event or reconcile syncs."""
+_resyncs: set[tuple[str, str]] = set()
+
+
+def resync_later(namespace: str, name: str, logger: Any, attempt: int = 0) -> None:
+    """Recompute the job's status again soon, in a timer thread, with backoff: for a sync
+    that failed temporarily in a handler kopf does not retry. One pending retry per job."""
+    key = (namespace, name)
+    with _locks_guard:
+        if key in _resyncs:
+            return
+        _resyncs.add(key)
+
+    def run() -> None:
+        with _locks_guard:
+            _resyncs.discard(key)
+        try:
+            sync_status(namespace, name)
+        except kopf.TemporaryError as exc:
+            if attempt + 1 < len(RESYNC_DELAYS):
+                resync_later(namespace, name, logger, attempt + 1)
+            else:
+                logger.error(f"status of {namespace}/{name} not synced: {exc}")
+        except Exception as exc:  # a timer thread has no one to report to but the log
+            logger.error(f"status of {namespace}/{name} not synced: {exc!r}")
+
+    timer = threading.Timer(RESYNC_DELAYS[attempt], run)
+    timer.daemon = True
+    timer.start()
 
 
 def _remember(namespace: str, name: str, workflow: Obj | None) -> None:

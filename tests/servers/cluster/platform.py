@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from k8s_tools import run_tool
 from servers.cluster.control_plane import (
     EXIT_CODE_ANNOTATION,
@@ -77,8 +78,9 @@ class Platform:
         return body
 
     # ---- installation ----
-    def install(self, gpu_nodes: int = 2) -> Platform:
-        """GPU nodes as GPU operators label and taint them, and one CPU node."""
+    def install(self, gpu_nodes: int = 2, operator: bool = True) -> Platform:
+        """GPU nodes as GPU operators label and taint them, and one CPU node; then the
+        operator, unless `operator` is False (tests that start their own)."""
         plane = self.plane
         plane.start_kwok()
         for i in range(gpu_nodes):
@@ -91,7 +93,8 @@ class Platform:
         values = [f"workflows.namespaces={{{','.join(self.job_namespaces)}}}", *self.helm_values]
         sets = [arg for v in values for arg in ("--set", v)]
         self.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", *sets)
-        self.start_operator()
+        if operator:
+            self.start_operator()
         return self
 
     def operator_deployment(self) -> dict[str, Any]:
@@ -105,8 +108,11 @@ class Platform:
             "create", "token", account, "-n", SYSTEM_NS, "--duration=6h"
         ).stdout.strip()
 
-    def start_operator(self, name: str = "operator") -> Process:
-        """The chart's operator container, run here: its args, its ServiceAccount's token."""
+    def start_operator(self, name: str = "operator", server: str | None = None) -> Process:
+        """The chart's operator container, run here: its args, its ServiceAccount's token.
+
+        `server`: the URL the operator reaches the API server at instead of the API server's
+        own (a fault-injecting proxy in front of it, serving the API server's certificate)."""
         pod_spec = self.operator_deployment()["spec"]["template"]["spec"]
         (container,) = [c for c in pod_spec["containers"] if c["name"] == "operator"]
         kubeconfig = self.plane.write_kubeconfig(
@@ -115,6 +121,10 @@ class Platform:
             "operator",
             SYSTEM_NS,
         )
+        if server:
+            config = yaml.safe_load(kubeconfig.read_text())
+            config["clusters"][0]["cluster"]["server"] = server
+            kubeconfig.write_text(yaml.safe_dump(config))
         metrics_port, health_port = free_ports(2)
         argv = [
             sys.executable,
