@@ -37,7 +37,7 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
     # settings.queueing.worker_limit stays unbounded (kopf's default): with a cap, jobs
     # beyond it wait for other objects' workers to idle out (5 s each) - measured under load
-    settings.execution.max_workers = 16  # threads running the (blocking) handlers
+    settings.execution.max_workers = kube.CONCURRENCY  # threads running the (blocking) handlers
     return settings
 
 

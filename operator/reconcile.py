@@ -9,6 +9,7 @@ call any number of times, from any handler, after an operator restart.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -196,14 +197,30 @@ def missing_service_account_message(namespace: str, name: str) -> str:
     )
 
 
+SERVICE_ACCOUNT_SEEN_S = 60.0
+"""How long a ServiceAccount found to exist is trusted without reading it again (a burst
+of jobs in one namespace then costs one read, not one per job)."""
+_service_accounts_seen: dict[tuple[str, str], float] = {}
+
+
 def _require_service_account(body: Obj, job: PSFTJob) -> None:
     """Wait (status, Event, retry) until the stage pods' ServiceAccount exists: a Workflow
     created without it only fails pod after pod with "serviceaccount ... not found"."""
     namespace = body["metadata"]["namespace"]
     name = job.spec.resources.service_account_name or argo.DEFAULT_SERVICE_ACCOUNT
-    with kube.retry_on_api_error(f"reading ServiceAccount {name}"):
-        if kube.service_account_exists(namespace, name):
+    key, now_s = (namespace, name), time.monotonic()
+    with _locks_guard:
+        if (
+            now_s - _service_accounts_seen.get(key, -SERVICE_ACCOUNT_SEEN_S)
+            < SERVICE_ACCOUNT_SEEN_S
+        ):
             return
+    with kube.retry_on_api_error(f"reading ServiceAccount {name}"):
+        exists = kube.service_account_exists(namespace, name)
+    if exists:
+        with _locks_guard:
+            _service_accounts_seen[key] = now_s
+        return
     message = missing_service_account_message(namespace, name)
     before = (body.get("status") or {}).get("message")
     status = sync_status(
