@@ -68,6 +68,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup(registry=REGISTRY)
 def connect(**_: Any) -> None:
+    reconcile.reset()
     kube.connect()
 
 

@@ -41,6 +41,13 @@ def _lock(namespace: str, name: str) -> threading.Lock:
         return _locks[(namespace, name)]
 
 
+def reset() -> None:
+    """Forget what an earlier operator run in this process saw (startup)."""
+    with _locks_guard:
+        _synced.clear()
+        _service_accounts_seen.clear()
+
+
 def forget(namespace: str, name: str) -> None:
     with _locks_guard:
         _locks.pop((namespace, name), None)
