@@ -18,6 +18,11 @@ OpenAPI v3 schema, the form Kubernetes requires for pruning, defaulting and CEL:
   not expose untyped preserve-unknown-fields nodes (nor lists of them) to CEL rules.
 - cross-field rules from psft.workflows.validate that need no outside knowledge are CEL
   `x-kubernetes-validations` (CEL_RULES), evaluated by the API server after defaulting.
+- strings Kubernetes or S3 check with rules of their own (quantities, names, label keys,
+  the image, the bucket...) carry them from psft.workflows.formats: `pattern`, lengths and
+  field-level CEL rules; a model may declare CEL rules of its own (`json_schema_extra`, as
+  Toleration does), and a map the rule on its keys plus the `maxProperties` that keeps its
+  cost within the API server's budget.
 
 `psft crd` prints the YAML; charts/psft/crds/psftjobs.psft.dev.yaml is its committed
 output and a test fails when the two differ.
@@ -110,6 +115,9 @@ PRINTER_COLUMNS: list[dict[str, str]] = [
 ]
 
 _SCALAR_KEYS = ("enum", "pattern", "minLength", "maxLength", "minItems", "maxItems")
+_CEL = "x-kubernetes-validations"
+"""CEL rules a model or field declares itself (psft.workflows.formats); CEL_RULES adds the
+cross-field rules of whole sections."""
 
 
 def _model_classes(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -177,6 +185,8 @@ class _Converter:
             out["required"] = list(node["required"])
         if cls.model_config.get("extra") == "allow":
             out["x-kubernetes-preserve-unknown-fields"] = True
+        if node.get(_CEL):
+            out[_CEL] = _cel_rules(node[_CEL])
         return out
 
     def explain(self, sub: dict[str, Any]) -> str:
@@ -189,6 +199,12 @@ class _Converter:
         return f"a {sub.get('type', 'value')}"
 
     def node(self, sub: dict[str, Any]) -> dict[str, Any]:
+        out = self._node(sub)
+        if sub.get(_CEL):
+            out[_CEL] = [*out.get(_CEL, []), *_cel_rules(sub[_CEL])]
+        return out
+
+    def _node(self, sub: dict[str, Any]) -> dict[str, Any]:
         if "$ref" in sub:
             return self.model(self.classes[sub["$ref"].rsplit("/", 1)[-1]])
         if "anyOf" in sub:
@@ -210,7 +226,9 @@ class _Converter:
         if kind == "object":
             extra = sub.get("additionalProperties", True)
             if isinstance(extra, dict) and extra:
-                return {"type": "object", "additionalProperties": self.node(extra)}
+                out = {"type": "object", "additionalProperties": self.node(extra)}
+                out.update({k: sub[k] for k in ("minProperties", "maxProperties") if k in sub})
+                return out
             return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
         if kind == "array":
             out = {"type": "array", "items": self.node(sub.get("items", {}))}
@@ -228,6 +246,12 @@ class _Converter:
                 out[bound] = sub[exclusive]
                 out[exclusive] = True
         return out
+
+
+def _cel_rules(rules: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Rules in the order the committed CRD writes them (pydantic sorts schema keys)."""
+    order = ("rule", "message", "fieldPath")
+    return [{k: rule[k] for k in order if k in rule} for rule in rules]
 
 
 def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:

@@ -48,10 +48,12 @@ def context_length_of(source: str) -> int | None:
         config = local_path(source) / "config.json"
     except PathProblem:
         return None  # the path rule of validation reports it
-    if config.is_file():
-        try:
-            value = json.loads(config.read_text()).get("max_position_embeddings")
-        except (OSError, json.JSONDecodeError):
-            return None
-        return value if isinstance(value, int) else None
-    return None
+    try:
+        # any config.json at all: not UTF-8, not an object, nested past the parser's depth
+        data = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    value = data.get("max_position_embeddings") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value

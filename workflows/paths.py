@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from psft.workflows.errors import shown
+from psft.workflows.formats import BUCKET_FORMAT, DOT_SEGMENT
 
 if TYPE_CHECKING:
     from psft.workflows.spec import PSFTJob
 
 S3_SCHEME = "s3://"
+MAX_S3_KEY_BYTES = 1024
+"""S3's limit on the UTF-8 length of an object key."""
 MAX_PATH_BYTES = 4096
 """Linux's PATH_MAX: the longest path a system call accepts."""
 MAX_NAME_BYTES = 255
@@ -41,9 +45,29 @@ def is_s3_uri(value: str) -> bool:
 
 
 def s3_uri_problem(value: str) -> str | None:
-    """Why an `s3://` URI names no object, or None."""
-    if not value.removeprefix(S3_SCHEME).partition("/")[0]:
+    """Why an `s3://` URI names no object psft can fetch, or None: no bucket, a bucket name S3
+    refuses, a key that is not UTF-8 or too long, or a `.`/`..` segment in the key (S3 keeps
+    it as written, but the download cache is a folder, where `..` climbs out of it)."""
+    bucket, _, key = value.removeprefix(S3_SCHEME).partition("/")
+    if not bucket:
         return f"{shown(value)} names no bucket; write s3://<bucket>/<path>"
+    problem = BUCKET_FORMAT.problem(bucket)
+    if problem:
+        return f"{shown(value)}: the bucket {shown(bucket)} {problem}"
+    if re.search(DOT_SEGMENT, key):
+        return (
+            f"{shown(value)} has a '.' or '..' segment in its key: S3 keeps it as written, but "
+            "psft's download cache is a folder where '..' leads out of it; write the key "
+            "without such segments"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in key):
+        return f"{shown(value)} contains a control character; write the key without it"
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        return f"{shown(value)} contains a character that is not valid UTF-8; S3 keys are UTF-8"
+    if size > MAX_S3_KEY_BYTES:
+        return f"{shown(value)} has a key of {size} bytes; S3 accepts at most {MAX_S3_KEY_BYTES}"
     return None
 
 

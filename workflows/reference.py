@@ -11,7 +11,8 @@ import json
 from typing import Any
 
 from psft.workflows import argo, argo_ray
-from psft.workflows.crd import CEL_RULES, CRD_NAME, build_crd
+from psft.workflows.crd import CRD_NAME, build_crd
+from psft.workflows.formats import CEL, FORMATS_BY_PATTERN
 
 DOC_FILE = "docs/psftjob.md"
 
@@ -50,12 +51,18 @@ path. On a cluster the same checks happen in two places:
   defaults, and the cross-field rules listed here. Unknown fields are dropped by the API
   server's pruning and rejected outright under strict field validation, which is
   kubectl's default (`--validate=strict`); a CRD cannot say `additionalProperties: false`.
+  Strings that Kubernetes, the container runtime or S3 check later (resource quantities,
+  names of Secrets, ServiceAccounts, PriorityClasses and schedulers, label keys and values,
+  the image, the S3 bucket, endpoint, region and prefix) carry those rules here too, so a
+  bad value is refused at `kubectl apply`, not in a pod; the job's namespace, labels and
+  annotations are checked by the API server as for any object.
 - **The operator**, which runs `psft validate`'s code before creating anything: it also
   rejects unknown fields, unknown benchmark names, duplicate benchmarks, a prompt plus
-  response budget above the model's context length, `spec.resources.nodes` above 1
-  (multi-node training is not supported yet) and `spec.storage.type: local` (each stage
-  runs in its own pod, so a cluster run needs S3). A job that fails shows
-  phase `Invalid` and condition `Valid=False` with every field error.
+  response budget above the model's context length, local paths that name no file and
+  `s3://` URIs with a bucket name S3 refuses or a `.`/`..` segment, `spec.resources.nodes`
+  above 1 (multi-node training is not supported yet) and `spec.storage.type: local` (each
+  stage runs in its own pod, so a cluster run needs S3). A job that fails shows phase
+  `Invalid` and condition `Valid=False` with every field error.
 
 Items of `spec.eval.benchmarks` are a registered name *or* an object; Kubernetes'
 structural schemas cannot express such a union, so the API server accepts any item there
@@ -153,17 +160,26 @@ def _allowed(node: dict[str, Any]) -> str:
     ):
         if bound in node:
             parts.append(f"{symbols[0] if node.get(strict) else symbols[1]} {node[bound]}")
+    known = None
     if "pattern" in node:
-        parts.append(f"pattern `{node['pattern']}`")
+        # a rule in words where psft.workflows.formats has one (the image pattern alone is
+        # 400 characters; the words say the lengths too), else the expression
+        key = (node["pattern"], node.get("minLength"), node.get("maxLength"))
+        known = FORMATS_BY_PATTERN.get(key)
+        parts.append(known.rule if known else f"pattern `{node['pattern']}`")
     for key, words in (
         ("minLength", "at least {} characters"),
         ("maxLength", "at most {} characters"),
         ("minItems", "at least {} items"),
         ("maxItems", "at most {} items"),
+        ("maxProperties", "at most {} entries"),
     ):
-        if key in node:
+        if key in node and not (known and key.endswith("Length")):
             one = key.startswith("min") and node[key] == 1
             parts.append("non-empty" if one else words.format(node[key]))
+    if "properties" not in node:  # an object's rules are listed under its table
+        said = {rule.message for rule in known.cel} if known else set()
+        parts += [rule["message"] for rule in node.get(CEL, []) if rule["message"] not in said]
     return "; ".join(parts)
 
 
@@ -203,7 +219,7 @@ def _table(path: str, node: dict[str, Any]) -> str:
     ]
     if node.get("description"):
         lines += [node["description"], ""]
-    rules = CEL_RULES.get(path)
+    rules = node.get(CEL)
     lines += [
         "| Field | Type | Default | Allowed values | Description |",
         "| --- | --- | --- | --- | --- |",
@@ -229,9 +245,9 @@ def reference_markdown() -> str:
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     props = schema["properties"]
     rules = [
-        f"- `{path}{rule['fieldPath']}`: {rule['message']} (`{rule['rule']}`)"
-        for path, path_rules in CEL_RULES.items()
-        for rule in path_rules
+        f"- `{path}{rule.get('fieldPath', '')}`: {rule['message']} (`{rule['rule']}`)"
+        for path, node in _sections(props["spec"], "spec")
+        for rule in node.get(CEL, [])
     ]
     parts = [INTRO + "\n".join(rules) + "\n", CLUSTER, "## Spec\n"]
     parts += [_table(path, node) for path, node in _sections(props["spec"], "spec")]

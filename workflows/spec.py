@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from psft.workflows import formats as fmt
 
 API_VERSION = "psft.dev/v1alpha1"
 KIND = "PSFTJob"
@@ -71,7 +74,19 @@ class Section(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_LABEL = fmt.DNS_LABEL
+
+# Strings Kubernetes, the container runtime or S3 check with rules of their own
+# (psft.workflows.formats): `psft validate` and the CRD check them the same way.
+JobName = Annotated[str, fmt.JOB_NAME]
+Namespace = Annotated[str, fmt.NAMESPACE]
+ObjectName = Annotated[str, fmt.OBJECT_NAME]
+LabelKey = Annotated[str, fmt.LABEL_KEY]
+LabelValue = Annotated[str, fmt.LABEL_VALUE_FORMAT]
+Quantity = Annotated[str, fmt.POSITIVE_QUANTITY_FORMAT]
+
+ANNOTATIONS_MAX_BYTES = 256 * 1024
+"""Kubernetes' limit on the total size of an object's annotations (keys and values)."""
 
 
 SERVER_METADATA = {
@@ -89,15 +104,30 @@ SERVER_METADATA = {
 
 
 class Metadata(Section):
-    name: Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=52)]
+    name: JobName
     """Job name: a DNS label (lower case letters, digits, '-'), at most 52 characters so
     that derived child names stay within Kubernetes' 63-character limit."""
-    namespace: str = "default"
+    namespace: Namespace = "default"
     """Namespace of the job. `psft run` uses it only for metric labels and storage paths."""
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    uid: str | None = None
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
+    uid: Annotated[str, fmt.UID] | None = None
     """Set by Kubernetes; `psft run` leaves it empty and storage paths use 'local'."""
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_fit(cls, value: dict[str, str]) -> dict[str, str]:
+        size = sum(
+            len(k.encode(errors="replace")) + len(v.encode(errors="replace"))
+            for k, v in value.items()
+        )
+        if size > ANNOTATIONS_MAX_BYTES:
+            raise PydanticCustomError(
+                "annotations_too_large",
+                f"hold {size} bytes, more than the {ANNOTATIONS_MAX_BYTES} (256 KiB) Kubernetes "
+                "allows for all annotations of an object together",
+            )
+        return value
 
 
 class ModelSpec(Section):
@@ -156,7 +186,7 @@ class DatasetSpec(Section):
     validation: ValidationSplit = Field(default_factory=ValidationSplit)
 
 
-LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "micro-token-mean"]
 
 
 class PSFTSpec(Section):
@@ -209,9 +239,14 @@ class PSFTSpec(Section):
 
 
 class Toleration(Section):
-    key: str | None = None
+    model_config = ConfigDict(
+        # the API server refuses a Pod whose tolerations break these; the CRD refuses the job
+        json_schema_extra={fmt.CEL: [r.wire() for r in fmt.TOLERATION_RULES]},
+    )
+
+    key: Annotated[str, fmt.TAINT_KEY] | None = None
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: Annotated[str, fmt.LABEL_VALUE_FORMAT] | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     # Kubernetes treats a negative value as 0 (evict at once), so 0 is the floor
     toleration_seconds: Annotated[int, Field(ge=0, le=SECONDS_MAX)] | None = None
@@ -225,29 +260,35 @@ class ResourcesSpec(Section):
     multi-node training (verl on a KubeRay RayJob) has no launcher yet."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Local runs: where to train. `auto`: cuda when available."""
-    image: str = DEFAULT_TRAINER_IMAGE
+    image: Annotated[str, fmt.IMAGE_FORMAT] = DEFAULT_TRAINER_IMAGE
     """Trainer image for the stage pods."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    cpu: str = "8"
+    cpu: Quantity = "8"
     """CPU request of each train, eval and grpo pod (Kubernetes quantity); prepare and
     report ask for 2."""
-    memory: str = "64Gi"
+    memory: Quantity = "64Gi"
     """Memory request and limit of each train, eval and grpo pod (Kubernetes quantity);
     prepare and report ask for 8Gi."""
-    shm_size: str = "16Gi"
+    shm_size: Quantity = "16Gi"
     """Size of the in-memory /dev/shm volume (NCCL and data loaders need more than 64Mi)."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
-    scheduler_name: str | None = None
+    node_selector: Annotated[
+        dict[LabelKey, LabelValue],
+        Field(max_length=fmt.NODE_SELECTOR_MAX),
+        fmt.MapKeys(fmt.LABEL_KEY),
+    ] = Field(default_factory=dict)
+    tolerations: Annotated[list[Toleration], Field(max_length=fmt.TOLERATIONS_MAX)] = Field(
+        default_factory=list
+    )
+    priority_class_name: ObjectName | None = None
+    scheduler_name: ObjectName | None = None
     """Custom scheduler for gang scheduling (e.g. `volcano`)."""
-    queue: str | None = None
+    queue: Annotated[str, fmt.QUEUE] | None = None
     """Scheduler queue (Volcano / Kueue), set as the queue label on pods."""
-    service_account_name: str | None = None
+    service_account_name: ObjectName | None = None
 
 
 class CustomBenchmark(Section):
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+    name: Annotated[str, fmt.BENCHMARK_NAME]
     path: str
     """JSONL or Parquet file, local or `s3://`."""
     type: Literal["math", "multiple-choice"] = "math"
@@ -283,6 +324,10 @@ class EvalSpec(Section):
     """Defaults to dataset.systemPrompt, so eval prompts match training."""
     grading_timeout: Annotated[float, Field(gt=0.0, le=GRADING_SECONDS_MAX)] = 5.0
     """Seconds per answer for symbolic grading before it counts as wrong."""
+    accept_answer_phrase: bool = False
+    """Also grade a math response that has no `\\boxed{}` answer by its last "The answer
+    is: X" phrase ("The final answer is X", "Answer: X"), as the seed's evaluation does.
+    Off: only boxed answers count."""
 
 
 class GRPOSpec(Section):
@@ -312,18 +357,19 @@ class GRPOSpec(Section):
 
 
 class SecretRef(Section):
-    name: str
+    name: ObjectName
     """Kubernetes Secret holding the keys (mounted into pods as env variables)."""
-    access_key_key: str = "accessKey"
-    secret_key_key: str = "secretKey"
+    access_key_key: Annotated[str, fmt.SECRET_KEY] = "accessKey"
+    secret_key_key: Annotated[str, fmt.SECRET_KEY] = "secretKey"
 
 
 class S3Storage(Section):
-    endpoint: str
-    """host:port of the S3 API (MinIO, SeaweedFS, AWS)."""
-    bucket: Annotated[str, Field(min_length=3, max_length=63)]
-    region: str = "us-east-1"
-    prefix: str = "psft"
+    endpoint: Annotated[str, fmt.ENDPOINT_FORMAT]
+    """host:port of the S3 API (MinIO, SeaweedFS, AWS), optionally after http:// or
+    https:// (which then decides TLS). Never credentials: those come from secretRef."""
+    bucket: Annotated[str, fmt.BUCKET_FORMAT]
+    region: Annotated[str, fmt.REGION_FORMAT] = "us-east-1"
+    prefix: Annotated[str, fmt.S3_PREFIX] = "psft"
     secure: bool = True
     """Use TLS."""
     ca_bundle: str | None = None
@@ -362,7 +408,7 @@ class MonitoringSpec(Section):
     enabled: bool = True
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9400
     """Port of each stage's /metrics endpoint (0: pick a free one)."""
-    pushgateway: str | None = None
+    pushgateway: Annotated[str, fmt.PUSHGATEWAY] | None = None
     """Pushgateway URL for final values of short stages."""
     entropy_collapse_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     """Alert when entropy falls below this share of its first value."""

@@ -36,9 +36,11 @@ class FieldError:
     message: str
 
     def __str__(self) -> str:
-        # a path holds a key the user wrote (an unknown field can be 100 KB long)
+        # a path holds a key the user wrote (an unknown field can be 100 KB long, or hold a
+        # lone surrogate, which no terminal or file can take: it is shown escaped)
         path = clipped(self.path, MAX_SHOWN_VALUE)
-        return clipped(f"{path}: {self.message}" if path else self.message)
+        line = clipped(f"{path}: {self.message}" if path else self.message)
+        return line.encode("utf-8", "backslashreplace").decode()
 
 
 MAX_LISTED_ERRORS = 50
@@ -51,7 +53,10 @@ class InvalidJob(ValueError):
     def __init__(self, errors: list[FieldError], source: str = "") -> None:
         self.errors = errors
         self.source = source
-        where = f"{source}: " if source else ""
+        # the source is a file name or the operator's namespace/name: shown cut short, and
+        # escaped where it holds no text (a file name of undecodable bytes)
+        shown_source = clipped(source, MAX_SHOWN_VALUE).encode("utf-8", "backslashreplace")
+        where = f"{shown_source.decode()}: " if source else ""
         lines = [f"  - {e}" for e in errors[:MAX_LISTED_ERRORS]]
         if len(errors) > MAX_LISTED_ERRORS:
             lines.append(f"  - … and {len(errors) - MAX_LISTED_ERRORS} more")
@@ -222,6 +227,31 @@ def _resources(job: PSFTJob) -> Iterable[FieldError]:
         yield FieldError("spec.resources.gpusPerNode", "must be > 0 for multi-node training")
 
 
+def _tolerations(job: PSFTJob) -> Iterable[FieldError]:
+    """Kubernetes' rules for a Pod's tolerations (the CRD has them as CEL rules,
+    psft.workflows.formats.TOLERATION_RULES): a Pod that breaks one cannot be created."""
+    for i, t in enumerate(job.spec.resources.tolerations):
+        where = f"spec.resources.tolerations[{i}]"
+        if not t.key and t.operator != "Exists":
+            yield FieldError(
+                f"{where}.operator",
+                "must be Exists when key is empty (such a toleration matches every taint); "
+                "name the taint's key, or set operator: Exists",
+            )
+        if t.value and t.operator == "Exists":
+            yield FieldError(
+                f"{where}.value",
+                f"must be empty when operator is Exists (got {shown(t.value)}); drop it, or "
+                "set operator: Equal",
+            )
+        if t.toleration_seconds is not None and t.effect != "NoExecute":
+            yield FieldError(
+                f"{where}.effect",
+                "must be NoExecute when tolerationSeconds is set (it says how long a pod stays "
+                "on a node once such a taint appears)",
+            )
+
+
 def _eval(job: PSFTJob) -> Iterable[FieldError]:
     from psft.workflows.benchmarks import REGISTERED_BENCHMARKS
 
@@ -251,7 +281,16 @@ def _paths(job: PSFTJob) -> Iterable[FieldError]:
             yield FieldError(item.where, problem)
 
 
-RULES: list[Rule] = [_batch_sizes, _context_length, _storage, _grpo, _resources, _eval, _paths]
+RULES: list[Rule] = [
+    _batch_sizes,
+    _context_length,
+    _storage,
+    _grpo,
+    _resources,
+    _tolerations,
+    _eval,
+    _paths,
+]
 
 
 def _storage_path_checked(data: dict[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
@@ -271,11 +310,45 @@ def _storage_path_checked(data: dict[str, Any]) -> tuple[dict[str, Any], list[Fi
     return data, [FieldError(where, problem) for where, problem in bad]
 
 
+def _not_utf8(data: Any, where: str = "") -> Iterable[FieldError]:
+    """Strings (keys and values) holding a lone UTF-16 surrogate such as `\\ud800`: no
+    character at all, yet YAML and JSON escapes produce one. Such a string passes every
+    `str` field and then cannot be written as UTF-8 (stage.json, the Workflow)."""
+    stack = [(data, where)]
+    while stack:
+        node, here = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{here}.{key}" if here else str(key)
+                if isinstance(key, str) and not _encodable(key):
+                    yield FieldError(path, f"this key {_SURROGATE_PROBLEM}")
+                stack.append((value, path))
+        elif isinstance(node, list):
+            stack.extend((value, f"{here}[{i}]") for i, value in enumerate(node))
+        elif isinstance(node, str) and not _encodable(node):
+            yield FieldError(here, f"{_SURROGATE_PROBLEM} (got {shown(node)})")
+
+
+_SURROGATE_PROBLEM = (
+    "holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), which is no "
+    "character and cannot be written as UTF-8; write the character itself"
+)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_job(data: dict[str, Any], source: str = "") -> PSFTJob:
     """Parse and check a PSFTJob document; raise InvalidJob listing every error."""
     if not isinstance(data, dict):
         raise InvalidJob([FieldError("", "a PSFTJob must be a YAML mapping")], source)
     data, errors = _storage_path_checked(data)
+    errors += list(_not_utf8(data))
     try:
         job = PSFTJob.model_validate(data)
     except ValidationError as exc:

@@ -84,3 +84,12 @@ def test_cli_validate_output_stays_small(
     assert main(["validate", str(path)]) == 1
     err = capsys.readouterr().err
     assert len(err) < 2000 and "spec.eval.samples" in err
+
+
+def test_a_long_or_undecodable_source_is_cut_and_escaped() -> None:
+    """The source (a file name, or the operator's namespace/name) starts the first line."""
+    error = InvalidJob([FieldError("spec.x", "bad")], "d/" * 3000 + "job\udcff.yaml")
+    first = str(error).splitlines()[0]
+    assert len(first) < 300 and "characters cut" in first
+    first.encode()  # printable: the undecodable byte is shown as an escape
+    assert "\\udcff" in first

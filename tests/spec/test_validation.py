@@ -103,7 +103,7 @@ def test_cross_field_rules() -> None:
 
 
 def test_custom_benchmark_and_server_metadata_accepted() -> None:
-    doc = job_with(eval={"benchmarks": [{"name": "gpqa-diamond", "path": "s3://b/gpqa.jsonl"}]})
+    doc = job_with(eval={"benchmarks": [{"name": "gpqa-diamond", "path": "s3://bench/gpqa.jsonl"}]})
     doc["metadata"].update(resourceVersion="7", uid="abc", generation=2, managedFields=[])
     job = validate_job(doc)
     assert job.metadata.uid == "abc"
@@ -166,3 +166,16 @@ def test_examples_validate(repo_root: Path) -> None:
         with pytest.raises(InvalidJob) as info:
             load_job(path)
         assert sorted({e.path for e in info.value.errors}) == sorted(expected)
+
+
+def test_a_lone_surrogate_is_a_field_error() -> None:
+    """YAML and JSON escapes (`"\\ud800"`) make strings no UTF-8 writer takes: they passed
+    validation, then rendering and stage.json failed with a serialization traceback."""
+    doc = job_with(dataset={"promptKey": "question\ud800"})
+    doc["spec"]["psft"] = {"seed\udc80": 1}
+    errs = errors_of(doc)
+    joined = "\n".join(errs)
+    assert "spec.dataset.promptKey: holds a lone UTF-16 surrogate" in joined
+    assert "spec.psft.seed\\udc80: this key holds a lone UTF-16 surrogate" in joined
+    for err in errs:
+        err.encode()  # every message can be printed and written

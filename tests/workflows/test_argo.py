@@ -109,7 +109,7 @@ def pod_of(wf: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_workflow_shape_follows_the_pipeline() -> None:
-    job = validate_job(s3_doc(grpo={"enabled": True, "prompts": ["s3://d/p.parquet"]}))
+    job = validate_job(s3_doc(grpo={"enabled": True, "prompts": ["s3://data/p.parquet"]}))
     wf = argo.render_workflow(job)
     assert wf["apiVersion"] == "argoproj.io/v1alpha1" and wf["kind"] == "Workflow"
     assert wf["metadata"]["name"] == "psft-qwen" and wf["metadata"]["namespace"] == "ml"
@@ -264,7 +264,7 @@ def test_pods_resources_scheduling_and_security() -> None:
 def test_only_model_stages_get_the_training_size_and_gpu_placement() -> None:
     wf = render(
         resources={"gpusPerNode": 8, "cpu": "64", "memory": "512Gi", **GPU_PLACEMENT},
-        grpo={"enabled": True, "prompts": ["s3://d/p.parquet"]},
+        grpo={"enabled": True, "prompts": ["s3://data/p.parquet"]},
     )
     spec = wf["spec"]
     # at the Workflow level they would reach every pod, resource-step pods included
@@ -334,7 +334,7 @@ def test_ttl_and_suspend_from_the_spec() -> None:
 
 
 def test_output_parameters_the_operator_reads() -> None:
-    wf = render(grpo={"enabled": True, "prompts": ["s3://d/p.parquet"]})
+    wf = render(grpo={"enabled": True, "prompts": ["s3://data/p.parquet"]})
     outputs = {
         name: t["outputs"]["parameters"][0] for name, t in templates(wf).items() if "outputs" in t
     }
@@ -484,7 +484,7 @@ def test_longest_job_name_keeps_child_names_valid() -> None:
     names = ["a" * 52, "a" * 26 + "-" + "b" * 25, "a" * 26 + "-" + "c" * 25]
     rayjobs = []
     for name in names:
-        doc = s3_doc(resources={"nodes": 2}, grpo={"enabled": True, "prompts": ["s3://d/p"]})
+        doc = s3_doc(resources={"nodes": 2}, grpo={"enabled": True, "prompts": ["s3://data/p"]})
         doc["metadata"]["name"] = name
         job = PSFTJob.model_validate(doc)
         wf = argo.render_workflow(job)

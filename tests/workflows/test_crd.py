@@ -10,10 +10,12 @@ import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
+from crd_checks import cel_failures as _cel_failures
 from workflow_examples import EXPECTED_ERRORS, REPO, example_files, psftjob_docs
 
 from psft.workflows import crd as crd_mod
 from psft.workflows.descriptions import FALLBACK
+from psft.workflows.formats import LABEL_VALUE
 from psft.workflows.spec import PSFTJob
 from psft.workflows.status import CONDITION_TYPES, PSFTJobStatus
 from psft.workflows.validate import InvalidJob, validate_job
@@ -135,9 +137,13 @@ def test_constraints_carried_over(openapi: dict[str, Any]) -> None:
     assert spec["dataset"]["properties"]["train"]["minItems"] == 1
     assert spec["dataset"]["required"] == ["train"]
     assert spec["model"]["properties"]["chatTemplate"]["nullable"] is True
-    assert spec["resources"]["properties"]["nodeSelector"]["additionalProperties"] == {
-        "type": "string"
+    node_selector = spec["resources"]["properties"]["nodeSelector"]
+    assert node_selector["additionalProperties"] == {
+        "type": "string",
+        "pattern": LABEL_VALUE,
+        "maxLength": 63,
     }
+    assert node_selector["maxProperties"] == 64  # bounds the cost of its CEL rule on keys
     name = openapi["properties"]["metadata"]["properties"]["name"]
     assert name["maxLength"] == 52 and name["pattern"].startswith("^[a-z0-9]")
 
@@ -153,25 +159,6 @@ def test_api_server_defaults_equal_the_model_defaults(
     assert from_server == from_model
     # and every default the server writes is itself valid (Kubernetes requires it)
     jsonschema.validate(defaulted, crd_mod.to_json_schema(openapi))
-
-
-def _cel_failures(doc: dict[str, Any], openapi: dict[str, Any]) -> list[tuple[str, str]]:
-    """Evaluate every CEL rule of the CRD the way the API server does (after defaulting)."""
-    doc = crd_mod.apply_defaults(doc, openapi)
-    env = celpy.Environment()
-    failed = []
-    for path, rules in crd_mod.CEL_RULES.items():
-        node: Any = doc
-        for part in path.split("."):
-            node = node[part]
-        for rule in rules:
-            program = env.program(env.compile(rule["rule"]))
-            result = program.evaluate({"self": celpy.json_to_cel(node)})
-            if not isinstance(result, celpy.celtypes.BoolType):
-                raise AssertionError(f"{path}: {rule['rule']} gave {result!r}")
-            if not result:
-                failed.append((path + rule["fieldPath"], rule["message"]))
-    return failed
 
 
 def test_cel_rules_accept_a_minimal_job(openapi, minimal_doc) -> None:
