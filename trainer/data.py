@@ -13,6 +13,7 @@ Supported rows (JSONL or Parquet files, local paths or s3:// URIs):
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import random
@@ -109,9 +110,63 @@ def _local(path: str) -> Path:
 
         return Path(fetch_uri(path))
     local = Path(path).expanduser()
+    if local.is_dir():
+        raise UserError(
+            f"dataset file {path} is a folder, not a file (dataset.train / validation.files); "
+            "name the JSONL or Parquet files in it"
+        )
     if not local.is_file():
         raise UserError(f"dataset file {path} does not exist (dataset.train / validation.files)")
     return local
+
+
+def _text_problem(path: str, head: bytes) -> str | None:
+    """Why a JSONL file is not UTF-8 text at all, judged from its first bytes, or None."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "is UTF-16 text; save it as UTF-8 (JSON Lines are UTF-8)"
+    if head.startswith((b"PAR1", b"PK\x03\x04", b"\x1f\x8b")):
+        return (
+            "is a binary file (Parquet, zip or gzip), not JSON Lines: give Parquet files a "
+            ".parquet name, and unpack compressed ones"
+        )
+    return None
+
+
+def _jsonl_rows(path: str, local: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    with local.open("rb") as f:
+        problem = _text_problem(path, f.read(4))
+        if problem:
+            raise UserError(f"{path} {problem}")
+        f.seek(0)
+        for i, raw in enumerate(f, start=1):
+            if i == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    i,
+                    BadRow(
+                        "not_utf8",
+                        f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        "save the file as UTF-8",
+                    ),
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield i, BadRow("invalid_json", f"not valid JSON ({exc.msg})")
+                continue
+            except RecursionError:
+                yield i, BadRow("invalid_json", "not valid JSON (nested too deep)")
+                continue
+            if not isinstance(row, dict):
+                yield i, BadRow("invalid_json", "a JSON object per line is expected")
+                continue
+            yield i, row
 
 
 def iter_rows(path: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
@@ -124,28 +179,18 @@ def iter_rows(path: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
         try:
             table = pq.read_table(local)
         except Exception as exc:  # pyarrow raises several types for damaged files
-            raise UserError(f"{path}: not a readable Parquet file ({exc})") from exc
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, row
+            raise UserError(
+                f"{path}: not a readable Parquet file ({' '.join(str(exc).split())}); is this "
+                "the right file? Write it again as Parquet, or give JSON Lines (.jsonl)"
+            ) from exc
+        yield from enumerate(table.to_pylist(), start=1)
         return
     if not name.endswith(JSONL_SUFFIXES):
         raise UserError(
             f"{path}: unknown file type; use JSONL ({', '.join(JSONL_SUFFIXES)}) "
             f"or Parquet ({', '.join(PARQUET_SUFFIXES)})"
         )
-    with local.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield i, BadRow("invalid_json", f"not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(row, dict):
-                yield i, BadRow("invalid_json", "a JSON object per line is expected")
-                continue
-            yield i, row
+    yield from _jsonl_rows(path, local)
 
 
 def detect_format(row: dict[str, Any], spec: DatasetSpec) -> str:
@@ -220,6 +265,19 @@ def normalise_row(row: dict[str, Any], spec: DatasetSpec, fmt: str) -> tuple[lis
     return [{"role": "user", "content": _text(row, spec.prompt_key, "prompt")}], demonstration
 
 
+def check_unicode(prompt: list[dict[str, str]], demonstration: str) -> None:
+    """Text a tokenizer can encode: JSON's `\\ud800` escapes decode to lone surrogates."""
+    for text in [*(m["content"] for m in prompt), demonstration]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRow(
+                "invalid_text",
+                f"holds {text[exc.start : exc.end]!r}, half of a surrogate pair (an escape "
+                "such as \\ud800 without its partner), which is no character; fix or drop it",
+            ) from None
+
+
 def with_system_prompt(prompt: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
     if not system or any(m["role"] == "system" for m in prompt):
         return prompt
@@ -288,6 +346,7 @@ def load_examples(
     examples: list[Example] = []
     for path in files:
         fmt: str | None = None
+        read_before = stats.rows_read
         for row_no, row in iter_rows(path):
             if limit is not None and len(examples) >= limit:
                 return examples
@@ -298,6 +357,7 @@ def load_examples(
                     raise row
                 fmt = fmt or detect_format(row, spec)
                 prompt, demonstration = normalise_row(row, spec, fmt)
+                check_unicode(prompt, demonstration)
                 prompt = with_system_prompt(prompt, spec.system_prompt)
                 raw_id = row.get("id")
                 example = Example(
@@ -319,6 +379,11 @@ def load_examples(
             stats.prompt_lengths.append(example.prompt_tokens)
             stats.response_lengths.append(example.response_tokens)
             examples.append(example)
+        if stats.rows_read == read_before:
+            raise UserError(
+                f"dataset file {path} holds no rows (it is empty or blank); fill it, or "
+                "remove it from dataset.train / validation.files"
+            )
     return examples
 
 
@@ -376,21 +441,86 @@ def write_examples(examples: Sequence[Example], path: Path) -> None:
         columns["source"].append(e.source)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table(columns, schema=_schema()), tmp)
-    tmp.replace(path)
+    try:
+        pq.write_table(pa.table(columns, schema=_schema()), tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
 
 
-def read_examples(path: Path) -> list[Example]:
+PREPARED_FIX = (
+    "run the prepare stage again (`psft run --fresh`, or `psft prepare` with this job's stage "
+    "config)"
+)
+
+
+def read_examples(path: Path, *, allow_empty: bool = True) -> list[Example]:
+    """The rows of a prepared Parquet file (write_examples), each checked: a damaged or
+    foreign file is a UserError naming the file, the row and what to do."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        raise UserError(f"{path}: not a prepared data file ({exc}); run the prepare stage") from exc
-    missing = set(_schema().names) - set(table.column_names)
+        raise UserError(
+            f"{path}: not a prepared data file ({' '.join(str(exc).split())}); {PREPARED_FIX}"
+        ) from exc
+    schema = _schema()
+    missing = set(schema.names) - set(table.column_names)
     if missing:
-        raise UserError(f"{path}: missing columns {sorted(missing)}; run the prepare stage again")
-    return [Example(**row) for row in table.select(_schema().names).to_pylist()]
+        raise UserError(f"{path}: missing columns {sorted(missing)}; {PREPARED_FIX}")
+    try:
+        table = table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise UserError(
+            f"{path}: columns of the wrong type, not what prepare writes "
+            f"({' '.join(str(exc).split())}); {PREPARED_FIX}"
+        ) from exc
+    if not allow_empty and table.num_rows == 0:
+        raise UserError(f"{path} holds no rows; {PREPARED_FIX}")
+
+    def first(mask: Any) -> int | None:
+        index = pc.index(mask.fill_null(True), True).as_py()
+        return None if index is None or index < 0 else index
+
+    for name in ("id", "prompt", "demonstration", "input_ids", "response_start"):
+        column = table.column(name)
+        if column.null_count:
+            row = first(pc.is_null(column))
+            raise UserError(f"{path}: row {(row or 0) + 1} has no {name}; {PREPARED_FIX}")
+    ids = table.column("input_ids")
+    lengths = pc.list_value_length(ids)
+    starts = table.column("response_start")
+    no_response = pc.or_(pc.less(starts, 0), pc.greater_equal(starts, lengths))
+    row = first(no_response)
+    if row is not None:
+        raise UserError(
+            f"{path}: row {row + 1} has {lengths[row].as_py()} token ids and response_start "
+            f"{starts[row].as_py()}: no demonstration tokens to train on; {PREPARED_FIX}"
+        )
+    examples = [Example(**r) for r in table.to_pylist()]
+    for i, e in enumerate(examples, start=1):
+        if None in e.input_ids or min(e.input_ids) < 0:
+            raise UserError(
+                f"{path}: row {i} (id {e.id!r}) has a token id that is missing or negative; "
+                f"{PREPARED_FIX}"
+            )
+    return examples
+
+
+def check_token_ids(examples: Sequence[Example], vocabulary: int, path: Path) -> None:
+    """Every token id of the prepared rows is in the model's vocabulary (UserError if not)."""
+    for i, e in enumerate(examples, start=1):
+        top = max(e.input_ids, default=0)
+        if top >= vocabulary:
+            raise UserError(
+                f"{path}: row {i} (id {e.id!r}) has token id {top}, but the model's vocabulary "
+                f"has {vocabulary} entries: the data was prepared with another tokenizer; "
+                f"{PREPARED_FIX} with this model"
+            )
 
 
 # batching -----------------------------------------------------------------------------------

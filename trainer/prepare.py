@@ -25,12 +25,14 @@ from psft.workflows.stages import StageConfig
 
 def prepare(config: StageConfig, store: Any) -> dict[str, Any]:
     """Write the prepared splits and stats into `store`; returns the stats dict."""
-    from psft.trainer.model import load_tokenizer, resolve_model
+    from psft.trainer.model import check_model_folder, load_tokenizer, resolve_model
 
     job = config.job
     spec = job.spec.dataset
     started = time.monotonic()
     model_dir = resolve_model(job.spec.model.source)
+    # the whole folder, weights' headers included: a damaged model fails here, not in training
+    check_model_folder(model_dir)
     tokenizer = load_tokenizer(
         model_dir,
         chat_template=job.spec.model.chat_template,
@@ -120,9 +122,15 @@ def format_table(stats: dict[str, Any]) -> str:
 
 def run(config: StageConfig) -> None:
     from psft.trainer.storage import open_run_store
+    from psft.trainer.storage.base import disk_full_is_an_error
 
     store = open_run_store(config)
-    stats = prepare(config, store)
+    with disk_full_is_an_error(
+        store.work_dir,
+        "writing the prepared data",
+        "free space there (or give the run a larger volume) and run the stage again",
+    ):
+        stats = prepare(config, store)
     print(format_table(stats))
     print(f"prepared data: {store.root}/{layout.DATA_TRAIN}, {layout.DATA_VALIDATION}, ", end="")
     print(layout.DATA_STATS, flush=True)

@@ -13,19 +13,85 @@ from pathlib import Path
 from typing import Any
 
 from psft.workflows import layout
+from psft.workflows.errors import UserError, shown
 from psft.workflows.stages import StageConfig
 
 TRAIN_STAGES = ("train", "grpo")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+REWRITE = "run the stage that writes it again, or move the file aside to report without it"
+
+
+def _text(path: Path) -> str | None:
+    """The UTF-8 text of `path`; None when there is no such file."""
+    if not path.exists():
+        return None
     if not path.is_file():
+        raise UserError(f"{path} is a folder, not a file; {REWRITE}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}), so not "
+            f"what psft writes; {REWRITE}"
+        ) from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, each checked (UserError naming file and line)."""
+    text = _text(path)
+    if text is None:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"{path}: line {n} is not valid JSON; {REWRITE}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {n} is not a JSON object (a record); {REWRITE}")
+        step = record.get("step")
+        if "step" in record and (isinstance(step, bool) or not isinstance(step, int)):
+            raise UserError(
+                f"{path}: line {n} has step {shown(step)}, not a whole number; {REWRITE}"
+            )
+        records.append(record)
+    return records
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """An eval summary.json, checked: an object whose results are objects with numeric
+    scores (UserError naming the file otherwise); None when there is no such file."""
+    text = _text(path)
+    if text is None:
+        return None
+    try:
+        summary = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = f" (line {exc.lineno}: {exc.msg})" if isinstance(exc, ValueError) else ""
+        raise UserError(f"{path} is not valid JSON{where}; {REWRITE}") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} is not a JSON object (an evaluation summary); {REWRITE}")
+    rows = summary.get("results", summary.get("benchmarks", []))
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: results is {shown(rows)}, not a list of scores; {REWRITE}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue  # eval_rows keeps only objects with a benchmark
+        for key in ("avg_at_k", "pass_at_k", "maj_at_k"):
+            if key in row and not _is_number(row[key]):
+                raise UserError(
+                    f"{path}: results[{i}].{key} is {shown(row[key])}, not a number; {REWRITE}"
+                )
+    return summary
 
 
 def step_series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, start_http_server
 
+from psft.workflows.errors import UserError
 from psft.workflows.stages import StageConfig
 
 log = logging.getLogger("psft.telemetry")
@@ -233,13 +234,30 @@ class Telemetry:
             return
         kept: list[str] = []
         seen: set[int] = set()
-        for line in self.jsonl_path.read_text().splitlines():
+        fix = (
+            "repair the line, or move the file aside (the stage then goes on without the "
+            "earlier records)"
+        )
+        for n, raw in enumerate(self.jsonl_path.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")  # records are ASCII: a torn one is still UTF-8
+            except UnicodeDecodeError:
+                raise UserError(
+                    f"{self.jsonl_path}: line {n} is not UTF-8 text, so not a record psft "
+                    f"wrote; {fix}"
+                ) from None
             if not line.strip():
                 continue
             try:
-                rec_step = json.loads(line).get("step")
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 continue  # a line torn by a kill -9 mid-write
+            if not isinstance(record, dict):
+                raise UserError(
+                    f"{self.jsonl_path}: line {n} is not a JSON object, so not a record psft "
+                    f"wrote; {fix}"
+                )
+            rec_step = record.get("step")
             if not isinstance(rec_step, int) or rec_step <= step:
                 kept.append(line)
                 if isinstance(rec_step, int):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from psft.workflows.pipeline import Stage, StageKind
 from psft.workflows.spec import PSFTJob
 from psft.workflows.spec_file import SpecFileError, parse_json, read_text
-from psft.workflows.validate import schema_errors
+from psft.workflows.validate import InvalidJob, schema_errors, validate_job
 
 
 class StageConfig(BaseModel):
@@ -66,8 +67,13 @@ MAX_STAGE_CONFIG_BYTES = 8 << 20
 """A stage config carries the resolved job (a spec file holds at most 1 MiB), base64 in a pod."""
 
 
-def read_stage_config(path: str | Path) -> StageConfig:
-    """The stage config in `path`; SpecFileError (one line, the file and the fix) otherwise."""
+def read_stage_config(path: str | Path, *, rules: bool = True) -> StageConfig:
+    """The stage config in `path`; SpecFileError (one line, the file and the fix) otherwise.
+
+    Its job is checked as `psft validate` checks a spec (the schema, then every cross-field
+    rule of workflows.validate), unless `rules` is False: `psft rayjob`, the supervisor of
+    the multi-node train step, is kept and tested for when multi-node lands, while the
+    rules still refuse resources.nodes > 1."""
     text = read_text(path, MAX_STAGE_CONFIG_BYTES, "a stage config")
     if str(path).endswith(ENCODED_SUFFIX):
         try:
@@ -75,9 +81,27 @@ def read_stage_config(path: str | Path) -> StageConfig:
         except (binascii.Error, UnicodeDecodeError) as exc:
             raise SpecFileError(path, f"not base64 of a UTF-8 stage config: {exc}") from None
     try:
-        return StageConfig.model_validate(parse_json(text))
+        data = parse_json(text)
+        if rules and isinstance(data, dict) and isinstance(data.get("job"), dict):
+            _check_job(path, data["job"])
+        return StageConfig.model_validate(data)
     except ValueError as exc:  # parse_json's, or pydantic's ValidationError
         raise SpecFileError(path, _stage_config_problem(exc)) from None
+
+
+def _check_job(path: str | Path, job: Any) -> None:
+    """The job of a stage config passes every rule `psft validate` and the operator apply
+    to a spec (workflows.validate.validate_job: the schema and the cross-field rules)."""
+    try:
+        validate_job(job)
+    except InvalidJob as exc:
+        shown = [f"job.{e.path}: {e.message}" if e.path else e.message for e in exc.errors]
+        raise SpecFileError(
+            path,
+            f"its job is not a valid PSFTJob ({'; '.join(shown)}); fix the PSFTJob (`psft "
+            "validate` lists the same errors) and let `psft run` or the operator write the "
+            "stage config again",
+        ) from None
 
 
 def _stage_config_problem(exc: ValueError) -> str:

@@ -32,7 +32,12 @@ def make_job(tiny_model_dir: Path) -> JobFactory:
                 "metadata": {"name": "evaltest"},
                 "spec": {
                     "model": {"source": str(tiny_model_dir)},
-                    "dataset": {"train": ["unused.jsonl"]},
+                    # within the tiny model's 2048-token context (stage configs are validated)
+                    "dataset": {
+                        "train": ["unused.jsonl"],
+                        "maxPromptLength": 512,
+                        "maxResponseLength": 1024,
+                    },
                     "eval": spec,
                     "resources": {"device": "cpu"},
                     "monitoring": {"enabled": False},  # no /metrics server in unit tests

@@ -18,6 +18,8 @@ ROWS = [
     }
     for i in range(16)
 ]
+FITS_THE_TINY_MODEL = {"maxPromptLength": 512, "maxResponseLength": 1024}
+"""Token budgets within the tiny model's 2048-token context (a stage config is validated)."""
 
 
 def _config(job: PSFTJob, root: Path, kind: str, target: str | None = None) -> Path:
@@ -39,7 +41,8 @@ def test_all_and_best_checkpoints_of_a_real_training(tiny_model_dir: Path, tmp_p
             "metadata": {"name": "t"},
             "spec": {
                 "model": {"source": str(tiny_model_dir)},
-                "dataset": {"train": [str(data)], "validation": {"fraction": 0.25}},
+                "dataset": {"train": [str(data)], "validation": {"fraction": 0.25},
+                            **FITS_THE_TINY_MODEL},
                 "psft": {"batchSize": 2, "miniBatchSize": 1, "microBatchSize": 1,
                          "maxSteps": 4, "saveEvery": 2, "keepCheckpoints": 2,
                          "warmupSteps": 0, "learningRate": 1e-3},
@@ -86,7 +89,7 @@ def test_eval_before_training_says_to_train_first(
             "metadata": {"name": "t"},
             "spec": {
                 "model": {"source": str(tiny_model_dir)},
-                "dataset": {"train": ["x.jsonl"]},
+                "dataset": {"train": ["x.jsonl"], **FITS_THE_TINY_MODEL},
                 "eval": {"checkpoints": "final"},
                 "monitoring": {"enabled": False},
             },

@@ -50,16 +50,38 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(
 
 def test_n_samples_per_prompt_seeded(backend: TransformersBackend) -> None:
     prompts = _prompts(backend)
-    done: list[int] = []
+    done: list[tuple[int, int | None]] = []
     sampling = SamplingConfig(n=3, temperature=1.0, top_p=0.95, max_tokens=5, seed=7)
-    first = backend.generate(prompts, sampling, progress=done.append)
+    first = backend.generate(prompts, sampling, progress=lambda p, s=None: done.append((p, s)))
     assert [len(g) for g in first] == [3, 3, 3]
-    assert sum(done) == 3
+    assert done[-1] == (3, 9)
     assert backend.generate(prompts, sampling) == first  # same seed, same samples
     other = backend.generate(prompts, SamplingConfig(3, 1.0, 0.95, 5, seed=8))
     assert other != first
     texts = {g.text for gens in first for g in gens}
     assert len(texts) > 1  # sampling, not n copies of one answer
+
+
+def test_progress_counts_samples_within_a_batch(backend: TransformersBackend) -> None:
+    """Samples count as done when they reach EOS, each decode step, not only when the
+    whole batch returns (a CPU batch can take minutes)."""
+    prompts = _prompts(backend)
+    seen: list[tuple[int, int | None]] = []
+    saved = backend.eos_ids
+    backend.eos_ids = set(range(backend.model.config.vocab_size))  # every token ends one
+    backend.batch_size = 2
+    try:
+        out = backend.generate(
+            prompts,
+            SamplingConfig(2, 1.0, 1.0, max_tokens=4, seed=3),
+            progress=lambda p, s=None: seen.append((p, s)),
+        )
+    finally:
+        backend.eos_ids, backend.batch_size = saved, 4
+    assert all(g.tokens == 1 and not g.truncated for gens in out for g in gens)
+    # batch 1 (2 prompts x 2 samples): its 4 samples end during generate, then the batch
+    # returns; batch 2 (1 prompt) likewise
+    assert seen == [(0, 4), (2, 4), (2, 6), (3, 6)]
 
 
 def test_token_budget_and_truncation(backend: TransformersBackend) -> None:
@@ -161,6 +183,9 @@ class StandInVLLM(types.ModuleType):
                 module.generate_calls.append((prompts, sampling_params, kwargs))
                 per_prompt = sampling_params if isinstance(sampling_params, list) else None
                 n = (per_prompt or [sampling_params])[0].kwargs["n"]
+                use_tqdm = kwargs.get("use_tqdm", True)
+                if callable(use_tqdm):
+                    module.run_engine(use_tqdm, len(prompts), n)
                 return [
                     types.SimpleNamespace(
                         prompt_token_ids=p["prompt_token_ids"],
@@ -179,6 +204,23 @@ class StandInVLLM(types.ModuleType):
 
         self.LLM = LLM
         self.SamplingParams = SamplingParams
+        self.bar_totals: list[int] = []
+
+    def run_engine(self, use_tqdm: Any, prompts: int, n: int) -> None:
+        """What vLLM's LLM does with a `use_tqdm` factory: "Adding requests" over the
+        prompts, then a bar over the unfinished requests (each prompt's n samples), updated
+        by n per finished prompt, its speed read from format_dict and shown in postfix."""
+        assert list(use_tqdm(range(prompts), desc="Adding requests")) == list(range(prompts))
+        total = prompts * n
+        bar = use_tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, postfix="")
+        self.bar_totals.append(total)
+        for _ in range(prompts):
+            speed = 100 / bar.format_dict["elapsed"]
+            bar.postfix = f"est. speed output: {speed:.2f} toks/s"
+            bar.update(n)
+            if bar.n == total:
+                bar.refresh()
+        bar.close()
 
 
 def test_vllm_adapter_passes_exactly_these_arguments() -> None:
@@ -220,6 +262,21 @@ def test_vllm_adapter_passes_exactly_these_arguments() -> None:
     ]
     greedy = backend.sampling_params(SamplingConfig(1, 0.0, 0.95, 8, 0))
     assert greedy.kwargs["top_p"] == 1.0 and greedy.kwargs["temperature"] == 0.0
+
+
+def test_vllm_adapter_reports_progress_through_vllms_bar() -> None:
+    vllm = StandInVLLM()
+    backend = VLLMBackend("/m", vllm=vllm)
+    seen: list[tuple[int, int | None]] = []
+    backend.generate(
+        [[1], [2], [3], [4]],
+        SamplingConfig(2, 0.7, 0.95, 8, seed=1),
+        progress=lambda p, s=None: seen.append((p, s)),
+    )
+    ((_, _, kwargs),) = vllm.generate_calls
+    assert callable(kwargs["use_tqdm"]) and vllm.bar_totals == [8]
+    # as vLLM finishes each prompt's samples, then once more when generate returns
+    assert seen == [(1, 2), (2, 4), (3, 6), (4, 8), (4, 8)]
 
 
 def test_vllm_budget_stays_within_the_context_length() -> None:

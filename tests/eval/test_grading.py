@@ -12,6 +12,7 @@ from psft.trainer.eval.grading import (
     GradeTask,
     GradingPool,
     Verdict,
+    extract_answer_phrase,
     extract_boxed,
     extract_choice,
     grade,
@@ -267,3 +268,88 @@ def test_normalize_answer_examples() -> None:
     assert normalize_answer("11,\\! 111,\\! 111,\\! 100") == "11111111100"
     assert normalize_answer("1, 234") == "1,234"  # a pair, not a thousands separator
     assert normalize_answer("1,234") == "1234"
+
+
+# issue 15: units inside \text{}, and the seed's "The answer is: X" ---------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference"),
+    [
+        ("\\text{27 miles}", "27"),  # the issue's case: the unit inside the text
+        ("\\text{27 miles per hour}", "27"),
+        ("27 \\text{ miles per hour}", "27"),
+        ("\\text{5 cm}^2", "5"),
+        ("\\text{3 weeks}", "3"),
+        ("\\text{12 centimeters}", "12"),
+        ("\\text{2 days}", "2\\text{ days}"),
+    ],
+)
+def test_units_inside_text_are_dropped(answer: str, reference: str) -> None:
+    assert normalize_answer(answer) == normalize_answer(reference)
+    assert grade(f"So the trip is \\boxed{{{answer}}}.", reference).correct
+
+
+def test_boxed_text_with_units_grades_equal_in_the_pool_too() -> None:
+    with GradingPool(workers=1) as pool:
+        (verdict,) = pool.grade([GradeTask("\\boxed{\\text{27 miles}}", "27")])
+    assert verdict == Verdict("\\text{27 miles}", True)
+
+
+def test_words_that_are_not_units_after_a_number_stay() -> None:
+    # only a unit after a number goes (the seed deletes unit words anywhere: "perimeter"
+    # loses its "meter" there)
+    assert normalize_answer("\\text{perimeter}") == "perimeter"
+    assert normalize_answer("\\text{27 apples}") == "27apples"
+    assert normalize_answer("\\text{Monday}") == "monday"
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("We multiply. The answer is: 27", "27"),  # the seed's own pattern
+        ("So the answer is 27.", "27"),
+        ("The answer is: 27 miles", "27 miles"),
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+        ("Final Answer: The final answer is $27$. I hope it is correct.", "27"),
+        ("**Answer:** 27", "27"),
+        ("**Final Answer**: $27$", "27"),
+        ("The answer is **27**.", "27"),
+        ("The answer is 2.5.", "2.5"),
+        ("The answer is: 27. That was easy.", "27"),
+        ("Final answer:\n\n$42$", "42"),
+        ("answer: 3 at first, but the answer is 4", "4"),  # the last phrase counts
+        ("The answer is \\(x+1\\) indeed", "x+1"),
+        ("No phrase here, just 27", None),
+        ("the answers: 5", None),
+    ],
+)
+def test_extract_answer_phrase(response: str, expected: str | None) -> None:
+    assert extract_answer_phrase(response) == expected
+
+
+def test_answer_phrase_is_graded_only_when_asked_and_only_without_a_box() -> None:
+    response = "Each hour covers 9 miles, so in 3 hours... The answer is: 27 miles"
+    assert grade(response, "27") == Verdict(None, False)  # off (the default): no answer
+    assert grade(response, "27", answer_phrase=True) == Verdict("27 miles", True)
+    # a boxed answer always wins over a phrase: one answer per response
+    boxed = "The answer is: 27 but \\boxed{26}"
+    assert grade(boxed, "27", answer_phrase=True) == Verdict("26", False)
+    # an unclosed box is no boxed answer: the phrase is graded
+    assert grade("\\boxed{27 The answer is: 27", "27", answer_phrase=True).correct
+    assert not grade("I think it is 27", "27", answer_phrase=True).correct
+    # GRPO rewards are unchanged: grade_math never reads phrases
+    assert not grade_math("The answer is: 27 miles", "27")
+    # multiple choice keeps its own phrase reading
+    assert grade("The answer is (B)", "B", "multiple-choice", answer_phrase=True).correct
+
+
+def test_pool_passes_the_answer_phrase_option() -> None:
+    tasks = [
+        GradeTask("The answer is: $\\frac{1}{2}$.", "0.5", answer_phrase=True),
+        GradeTask("The answer is: $\\frac{1}{2}$.", "0.5"),
+    ]
+    with GradingPool(workers=1) as pool:
+        on, off = pool.grade(tasks)
+    assert on == Verdict("\\frac{1}{2}", True)
+    assert off == Verdict(None, False)

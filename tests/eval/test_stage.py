@@ -116,6 +116,44 @@ def test_scores_of_graded_responses(
     assert row["truncated_fraction"] == pytest.approx(1 / 3)
 
 
+def test_answer_phrase_option_reaches_the_grader(
+    make_job: Callable[..., Any],
+    make_config: Callable[..., Any],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bench = Benchmark("one", "math", [Problem("a", "9*3?", "27")])
+    responses = [["The answer is: 27 miles", "\\boxed{\\text{27 miles}}", "27"]]
+    verdicts = {}
+    for option in (False, True):
+        config = make_config(make_job(samples=3, acceptAnswerPhrase=option), tmp_path)
+        with GradingPool(workers=1) as pool:
+            records, _ = stage.evaluate_benchmark(
+                ScriptedBackend(responses), tokenizer, bench, config, pool
+            )
+        verdicts[option] = [(r["answer"], r["correct"]) for r in records]
+    # the boxed unit is dropped either way; the phrase counts only with the option
+    assert verdicts[False] == [(None, False), ("\\text{27 miles}", True), (None, False)]
+    assert verdicts[True] == [("27 miles", True), ("\\text{27 miles}", True), (None, False)]
+
+
+def test_psft_evaluate_accept_answer_phrase_flag(tiny_model_dir: Path) -> None:
+    import argparse
+
+    from psft.trainer.eval.standalone import add_arguments, standalone_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = standalone_config(parser.parse_args([str(tiny_model_dir)]))
+    assert default.job.spec.eval.accept_answer_phrase is False
+    on = standalone_config(parser.parse_args([str(tiny_model_dir), "--accept-answer-phrase"]))
+    assert on.job.spec.eval.accept_answer_phrase is True
+    assert on.job.spec.eval.to_wire()["acceptAnswerPhrase"] is True
+
+
 def _no_generation(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("a model was loaded although the input is bad")
 

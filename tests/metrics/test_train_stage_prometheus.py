@@ -47,7 +47,13 @@ def test_training_scraped_by_prometheus_matches_metrics_jsonl(
         "prom-train",
         storage={"type": "local", "local": {"path": str(runs)}},
         model={"source": str(tiny_model_dir)},
-        dataset={"train": [str(data)], "systemPrompt": ""},
+        # token budgets within the tiny model's context: the stage config is validated
+        dataset={
+            "train": [str(data)],
+            "systemPrompt": "",
+            "maxPromptLength": 512,
+            "maxResponseLength": 1024,
+        },
         # 8 updates a step keep the stage serving for several 1 s scrapes on an idle machine
         psft={
             "batchSize": 8,

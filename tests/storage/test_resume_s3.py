@@ -79,7 +79,14 @@ def s3_job(seaweed: SeaweedS3, bucket: str, tiny_model_dir: Path, tmp_path: Path
             name,
             storage=seaweed.storage_spec(bucket),
             model={"source": str(tiny_model_dir)},
-            dataset={"train": [str(data)], "systemPrompt": "", "shuffle": True},
+            # token budgets within the tiny model's context: the stage config is validated
+            dataset={
+                "train": [str(data)],
+                "systemPrompt": "",
+                "shuffle": True,
+                "maxPromptLength": 512,
+                "maxResponseLength": 1024,
+            },
             psft=PSFT,
             resources={"device": "cpu"},
             monitoring={"metricsPort": 0},

@@ -39,7 +39,8 @@ def stage_config_for(
 
     spec: dict = {
         "model": {"source": model},
-        "dataset": {"train": train},
+        # within the tiny model's 2048-token context: a stage config is validated like a spec
+        "dataset": {"train": train, "maxPromptLength": 512, "maxResponseLength": 1024},
         "psft": {"batchSize": 2, "miniBatchSize": 1, "microBatchSize": 1, "warmupSteps": 0},
         "resources": {"device": "cpu"},
         "monitoring": {"enabled": False},

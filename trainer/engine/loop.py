@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from psft.trainer.data import Example, collate, read_examples
+from psft.trainer.data import Example, check_token_ids, collate, read_examples
 from psft.trainer.engine.checkpoint import (
+    CheckpointError,
     TrainState,
+    checkpoint_problem,
     data_fingerprint,
     load_checkpoint,
+    read_train_state,
     save_checkpoint,
 )
 from psft.trainer.engine.optim import build_optimizer, build_scheduler
 from psft.trainer.engine.precision import resolve_precision
 from psft.trainer.engine.progress import StepProgress
 from psft.trainer.engine.step import MicroBatch, ObjectiveConfig, evaluate, train_step
+from psft.trainer.storage.base import (
+    DiskFull,
+    checkpoint_steps,
+    disk_full_message,
+    is_disk_full,
+)
 from psft.workflows import layout
 from psft.workflows.errors import UserError
 from psft.workflows.stages import StageConfig
@@ -85,7 +96,7 @@ class Trainer:
         self.objective = ObjectiveConfig.from_spec(self.spec)
         self.device = resolve_device(job.spec.resources.device)
 
-        self.train_rows = read_examples(store.pull(layout.DATA_TRAIN))
+        self.train_rows = read_examples(store.pull(layout.DATA_TRAIN), allow_empty=False)
         self.val_rows = (
             read_examples(store.pull(layout.DATA_VALIDATION))
             if store.exists(layout.DATA_VALIDATION)
@@ -96,7 +107,14 @@ class Trainer:
 
         self.resume_step = store.latest_checkpoint(STAGE)
         if self.resume_step is not None:
-            model_dir = store.pull(layout.checkpoint(STAGE, self.resume_step))
+            # every file of the checkpoint is checked before the model loads
+            model_dir, resumed = self.verified_checkpoint(self.resume_step)
+            if resumed.data_fingerprint != self.fingerprint:
+                raise UserError(
+                    f"cannot resume {STAGE} from checkpoint step {self.resume_step}: the "
+                    "prepared training data changed since it was written; start the run afresh "
+                    "(psft run --fresh) or restore the original data"
+                )
         else:
             model_dir = resolve_model(job.spec.model.source)
         self.model_dir = model_dir
@@ -110,6 +128,9 @@ class Trainer:
             chat_template=job.spec.model.chat_template,
             trust_remote_code=job.spec.model.trust_remote_code,
         )
+        vocabulary = int(self.model.get_input_embeddings().num_embeddings)
+        check_token_ids(self.train_rows, vocabulary, store.local_path(layout.DATA_TRAIN))
+        check_token_ids(self.val_rows, vocabulary, store.local_path(layout.DATA_VALIDATION))
         if self.spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
@@ -126,14 +147,10 @@ class Trainer:
             schedule=self.spec.lr_scheduler,
         )
         if self.resume_step is not None:
-            folder = store.local_path(layout.checkpoint(STAGE, self.resume_step))
-            self.state = load_checkpoint(folder, self.optimizer, self.scheduler, self.device)
-            if self.state.data_fingerprint != self.fingerprint:
-                raise UserError(
-                    f"cannot resume {STAGE} from checkpoint step {self.resume_step}: the prepared "
-                    "training data changed since it was written; start the run afresh "
-                    "(psft run --fresh) or restore the original data"
-                )
+            try:
+                self.state = load_checkpoint(model_dir, self.optimizer, self.scheduler, self.device)
+            except CheckpointError as exc:
+                raise self.unusable_checkpoint(self.resume_step, exc.problem) from exc
         else:
             self.state = TrainState(
                 total_steps=self.total_steps,
@@ -141,6 +158,52 @@ class Trainer:
                 objective=self.spec.objective,
             )
         self.state.total_steps = self.total_steps
+
+    # resuming -------------------------------------------------------------------------------
+    def verified_checkpoint(self, step: int) -> tuple[Path, TrainState]:
+        """(folder, state) of checkpoint `step`, every file checked before any model loads."""
+        key = layout.checkpoint(STAGE, step)
+        if not self.store.exists(key):
+            raise self.unusable_checkpoint(step, f"{self.store.local_path(key)} does not exist")
+        folder = self.store.pull(key)
+        problem = checkpoint_problem(folder, step)
+        if problem:
+            raise self.unusable_checkpoint(step, problem)
+        return folder, read_train_state(folder)
+
+    def unusable_checkpoint(self, step: int, problem: str) -> CheckpointError:
+        """The error for a `latest` marker naming a checkpoint that cannot be resumed from:
+        what is wrong, and the complete older checkpoints the marker could name instead."""
+        marker = self.store.local_path(layout.latest_marker(STAGE))
+        folder = self.store.local_path(layout.checkpoints(STAGE))
+        older = (
+            sorted(
+                (
+                    s
+                    for s in checkpoint_steps([p.name for p in folder.iterdir() if p.is_dir()])
+                    if s < step and checkpoint_problem(folder / f"step-{s}", s) is None
+                ),
+                reverse=True,
+            )
+            if folder.is_dir()
+            else []
+        )
+        if older:
+            instead = (
+                f"step-{older[0]} ({folder / f'step-{older[0]}'}) is complete: write "
+                f'{{"step": {older[0]}}} into {marker} to resume from it, or delete the marker '
+                "to train this stage from the start"
+            )
+        else:
+            instead = (
+                f"no older complete checkpoint is kept: delete {marker} to train this stage "
+                "from the start (or restore the checkpoint from a backup)"
+            )
+        message = (
+            f"cannot resume {STAGE} from checkpoint step-{step}, which the `latest` marker "
+            f"names: {problem}. Nothing was changed; {instead}"
+        )
+        return CheckpointError(message, problem)
 
     # one step -------------------------------------------------------------------------------
     def batch_for(self, step: int) -> list[Example]:
@@ -183,19 +246,60 @@ class Trainer:
             return evaluate(self.model, batches)
 
     def save(self) -> None:
-        folder = self.store.checkpoint_dir(STAGE, self.state.step)
-        save_checkpoint(
-            folder, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state
-        )
-        self.store.commit_checkpoint(STAGE, self.state.step)
+        step = self.state.step
+        folder = self.store.checkpoint_dir(STAGE, step)
+        try:
+            save_checkpoint(
+                folder, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state
+            )
+            self.store.commit_checkpoint(STAGE, step)
+        except BaseException:
+            # a checkpoint the marker does not name is incomplete: it only takes space
+            try:
+                committed = self.store.latest_checkpoint(STAGE) == step
+            except UserError:
+                committed = False
+            if not committed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     # the loop -------------------------------------------------------------------------------
     def fit(self, *, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train to total_steps; returns the summary (None when stopped by `stop_after`).
 
         `stop_after` ends the process after that step as if it were interrupted (after the
-        step's checkpoint, if one was due): used to test resumption.
+        step's checkpoint, if one was due): used to test resumption. A full disk ends it with
+        DiskFull; the last committed checkpoint stays as it was.
         """
+        try:
+            return self._fit(stop_after)
+        except UserError:
+            raise
+        except Exception as exc:
+            if not is_disk_full(exc, self.store.work_dir):
+                raise
+            raise DiskFull(self.disk_full_message(exc)) from exc
+
+    def disk_full_message(self, exc: BaseException) -> str:
+        try:
+            latest = self.store.latest_checkpoint(STAGE)
+        except UserError:
+            latest = None
+        if latest is None:
+            then = (
+                "no checkpoint was completed yet; free space there (or give the run a larger "
+                "volume) and run the stage again: it starts from the beginning"
+            )
+        else:
+            then = (
+                f"the last complete checkpoint, step-{latest}, is kept; free space there (or "
+                "give the run a larger volume) and run the stage again: it resumes from step "
+                f"{latest}"
+            )
+        doing = f"the {STAGE} stage was writing step {self.state.step}"
+        return disk_full_message(exc, self.store.work_dir, doing, then)
+
+    def _fit(self, stop_after: int | None) -> dict[str, Any] | None:
         from transformers.utils import logging as hf_logging
 
         from psft.trainer.telemetry import Telemetry
@@ -238,9 +342,19 @@ class Trainer:
         store = self.store
         final_key = layout.final_model(STAGE)
         final_dir = store.local_path(final_key)
-        final_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(final_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(final_dir)
+        # written aside and renamed: a reader (eval) never finds half a final model
+        partial = final_dir.with_name(f".{final_dir.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            partial.mkdir(parents=True)
+            self.model.save_pretrained(partial, safe_serialization=True)
+            self.tokenizer.save_pretrained(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        partial.rename(final_dir)
         store.push(final_key)
         job = self.config.job
         last = self.state.last_record

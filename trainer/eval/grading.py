@@ -1,11 +1,16 @@
 """Grading of model responses: boxed math answers and multiple-choice letters.
 
-Math answers are taken from the last `\\boxed{...}` (or `\\fbox{...}`) of a response and
-compared with the reference by, in order: a normalised string comparison (cheap, covers
-text answers and formatting variants), a numeric comparison when both sides are plain
-numbers, and math-verify's symbolic comparison (sympy). Sympy can hang on adversarial
-input, so bulk grading goes through `GradingPool`: worker processes with a per-answer
-timeout that kills and replaces a stuck worker. A timed-out answer counts as wrong.
+Math answers are taken from the last `\\boxed{...}` (or `\\fbox{...}`) of a response (or,
+with the eval option `acceptAnswerPhrase`, from its last "The answer is: X" phrase when it
+has no boxed answer) and compared with the reference by, in order: a normalised string
+comparison (cheap, covers text answers, units such as `\\text{27 miles}` and formatting
+variants), a numeric comparison when both sides are plain numbers, and math-verify's
+symbolic comparison (sympy). docs/eval.md lists where this differs from the seed's grader
+(one answer per response; no unanchored last-number fallback; units only after a number).
+
+Sympy can hang on adversarial input, so bulk grading goes through `GradingPool`: worker
+processes with a per-answer timeout that kills and replaces a stuck worker. A timed-out
+answer counts as wrong.
 
 GRPO rewards reuse `grade_math` / `GradingPool`; this module imports nothing heavy at
 import time (math-verify and sympy load on first symbolic comparison).
@@ -85,6 +90,43 @@ def _box_content(text: str, pos: int) -> str | None:
     return None
 
 
+_ANSWER_PHRASE = re.compile(
+    r"(?<![A-Za-z])answer(?![A-Za-z])[*_]*\s*(?:is(?![A-Za-z])\s*[*_]*\s*:?|:)[*_]*[ \t]*",
+    re.IGNORECASE,
+)
+_MATH_SPANS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_PHRASE_MAX = 200
+
+
+def extract_answer_phrase(text: str) -> str | None:
+    """The answer stated in the last "answer is" phrase of a response, else None.
+
+    Accepts "The answer is: X" (the seed's pattern), "The answer is X", "The final answer
+    is $X$. I hope it is correct.", "Answer: X" and "**Final Answer:** X" (any case, with
+    markdown emphasis). X runs to the end of its sentence (or is the next line when the
+    phrase ends its line); a leading `$...$` or `\\(...\\)` span is taken alone. Longer
+    than 200 characters is prose, not an answer: None.
+    """
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if not phrases:
+        return None
+    found = phrases[-1]
+    rest, _, after = text[found.end() :].partition("\n")
+    if not rest.strip():
+        rest = next((line for line in after.splitlines() if line.strip()), "")
+    rest = re.sub(r"\.?\s*I hope it is correct\.?.*$", "", rest.strip(), flags=re.IGNORECASE)
+    rest = rest.strip().strip("*_`").strip()
+    for open_, close in _MATH_SPANS:
+        if rest.startswith(open_):
+            end = rest.find(close, len(open_))
+            if end != -1:
+                return rest[len(open_) : end].strip() or None
+    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0].strip().rstrip(".").strip("*_`").strip()
+    if not rest or len(rest) > _PHRASE_MAX:
+        return None
+    return rest
+
+
 def extract_choice(text: str, n_choices: int = 4) -> str | None:
     """The option letter a multiple-choice response settles on, else None.
 
@@ -125,10 +167,13 @@ def _bare_letter(text: str, valid: str) -> str | None:
 
 
 _UNIT_WORDS = (
-    r"degrees?|cents?|dollars?|inches|inch|feet|foot|ft|meters?|cm|mm|km|m|units?|"
-    r"square\s+\w+|sq\s*\w+|hours?|minutes?|seconds?|days?|miles?|mph|pounds?|grams?|kg|g|"
-    r"mi|yards?|liters?|ml|percent|points?|people|students?"
+    r"degrees?|cents?|dollars?|inches|inch|feet|foot|ft|meters?|centimeters?|millimeters?|"
+    r"kilometers?|cm|mm|km|m|units?|square\s+\w+|sq\s*\w+|hours?|minutes?|seconds?|days?|"
+    r"weeks?|months?|years?|miles?|mph|pounds?|grams?|kg|g|mi|yards?|liters?|ml|percent|"
+    r"points?|people|students?"
 )
+_UNITS = rf"(?:{_UNIT_WORDS})(?:\s+per\s+(?:{_UNIT_WORDS}))?"
+"""A unit such as `miles` or `miles per hour`."""
 
 
 def normalize_answer(answer: str) -> str:
@@ -143,14 +188,15 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("°", "")
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
     s = re.sub(r"^np\.(?=[a-z])", r"\\", s)
-    # trailing units such as "\text{ cm}^2", "\mbox{ inches}^2", "5.4 cents"
+    # trailing units such as "\text{ cm}^2", "\mbox{ inches}^2", "5.4 cents", and units
+    # inside the text with the number, "\text{27 miles}" (unwrapped first)
     s = re.sub(
-        rf"(?<=[\d}}\s])\s*\\(?:text|mbox|mathrm)\{{\s*(?:{_UNIT_WORDS})\s*\}}(\^\{{?\d\}}?)?$",
+        rf"(?<=[\d}}\s])\s*\\(?:text|mbox|mathrm)\{{\s*{_UNITS}\s*\}}(\^\{{?\d\}}?)?$",
         "",
         s,
     )
-    s = re.sub(rf"(?<=\d)\s+(?:{_UNIT_WORDS})(\^\{{?\d\}}?)?$", "", s)
     s = re.sub(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf|operatorname)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(rf"(?<=\d)\s+{_UNITS}(\^\{{?\d\}}?)?\s*$", "", s)
     s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\w)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
@@ -244,15 +290,28 @@ def _math_verify_equal(answer: str, reference: str) -> bool:
 
 
 def response_answer(
-    response: str, kind: AnswerKind = "math", n_choices: int = 4, require_boxed: bool = True
+    response: str,
+    kind: AnswerKind = "math",
+    n_choices: int = 4,
+    require_boxed: bool = True,
+    answer_phrase: bool = False,
 ) -> str | None:
-    """The gradable answer in a response: the last boxed expression for math (or, with
-    require_boxed=False, the whole text when it has no box), the option letter for
-    multiple choice."""
+    """The gradable answer in a response: the option letter for multiple choice; for math
+    the last boxed expression, else (with answer_phrase=True) the answer of the last
+    "The answer is: X" phrase (`extract_answer_phrase`), else (with require_boxed=False)
+    the whole text when it is a bare answer."""
     if kind == "multiple-choice":
         return extract_choice(response, n_choices)
-    if require_boxed or any(c in response for c in _BOX_COMMANDS):
-        return extract_boxed(response) or None
+    boxed = any(c in response for c in _BOX_COMMANDS)
+    answer = extract_boxed(response) if boxed else None
+    if answer:
+        return answer
+    if answer_phrase:
+        phrase = extract_answer_phrase(response)
+        if phrase:
+            return phrase
+    if require_boxed or boxed:
+        return None
     stripped = response.strip()
     return stripped if looks_like_bare_answer(stripped) else None
 
@@ -275,13 +334,14 @@ def grade(
     n_choices: int = 4,
     timeout: float | None = DEFAULT_TIMEOUT,
     require_boxed: bool = True,
+    answer_phrase: bool = False,
 ) -> Verdict:
     """Grade one response in this process.
 
     The timeout uses SIGALRM and so applies only on the main thread; elsewhere the
     comparison runs without one (use `GradingPool` for untrusted bulk input).
     """
-    answer = response_answer(response, kind, n_choices, require_boxed)
+    answer = response_answer(response, kind, n_choices, require_boxed, answer_phrase)
     if answer is None:
         return Verdict(None, False)
     if kind == "multiple-choice":
@@ -344,6 +404,8 @@ class GradeTask:
     kind: AnswerKind = "math"
     n_choices: int = 4
     require_boxed: bool = True
+    answer_phrase: bool = False
+    """Math without a boxed answer: grade the "The answer is: X" phrase (eval option)."""
 
 
 class GradingError(RuntimeError):
@@ -449,7 +511,10 @@ class GradingPool:
 
     def grade(self, tasks: Iterable[GradeTask]) -> list[Verdict]:
         tasks = list(tasks)
-        answers = [response_answer(t.response, t.kind, t.n_choices, t.require_boxed) for t in tasks]
+        answers = [
+            response_answer(t.response, t.kind, t.n_choices, t.require_boxed, t.answer_phrase)
+            for t in tasks
+        ]
         pending: dict[tuple[str, str], None] = {}
         for task, answer in zip(tasks, answers, strict=True):
             if answer is None or task.kind != "math":

@@ -103,10 +103,17 @@ def read_rows(path: Path, what: str = "benchmark file") -> list[dict[str, Any]]:
                     raise UserError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
     except FileNotFoundError as exc:
         raise UserError(f"{what} {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from exc
+    except (OSError, ValueError) as exc:
         if isinstance(exc, UserError):
             raise
-        raise UserError(f"{what} {path} cannot be read: {exc}") from exc
+        raise UserError(
+            f"{what} {path} cannot be read: {' '.join(str(exc).split())}; is this the right file?"
+        ) from exc
     bad = [i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)]
     if bad:
         raise UserError(f"{path}: row {bad[0]} is not an object with named columns")

@@ -29,6 +29,7 @@ from psft.trainer.eval.backends import choose_backend
 from psft.trainer.eval.backends.base import Backend, Generation, SamplingConfig
 from psft.trainer.eval.grading import GradeTask, GradingPool, Verdict
 from psft.trainer.eval.metrics import Sample, summarize
+from psft.trainer.eval.progress import GenerationProgress
 from psft.trainer.eval.prompts import encode_prompts, eval_system_prompt
 from psft.trainer.eval.registry import Benchmark, load_benchmark
 from psft.workflows import layout
@@ -60,8 +61,16 @@ def _read_metrics(store: Any, target: str) -> list[dict[str, Any]]:
             f"{key} is missing from the run at {store.root}: eval.checkpoints 'best' and 'all' "
             f"read it; run the {target} stage first"
         )
+    path = store.pull(key)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte at offset {exc.start}), so not the metrics psft "
+            f"writes; run the {target} stage again, or set eval.checkpoints: final"
+        ) from None
     records = []
-    for line in store.pull(key).read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -150,6 +159,23 @@ def model_folder(path: Path, name: str) -> Path:
     raise UserError(f"checkpoint {name} at {path} holds no Hugging Face model (config.json)")
 
 
+def checked_model_folder(store: Any, ckpt: Checkpoint, config: StageConfig) -> Path:
+    """The model folder of `ckpt`, its files checked without loading it (UserError)."""
+    from psft.trainer.model import check_model_folder
+
+    if ckpt.key is None:
+        path = Path(str(ckpt.source))
+        check_model_folder(path)
+        return path
+    path = model_folder(store.pull(ckpt.key), ckpt.name)
+    check_model_folder(
+        path,
+        f"checkpoint {ckpt.name} of the {config.target} stage",
+        f"run the {config.target} stage again to write it",
+    )
+    return path
+
+
 # ---------------------------------------------------------------------------------------
 # generation and grading
 
@@ -232,26 +258,32 @@ def evaluate_benchmark(
     config: StageConfig,
     pool: GradingPool,
     log: Callable[[str], None] = lambda _: None,
+    **progress_options: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(sample records, score row) of one benchmark on one loaded model."""
+    """(sample records, score row) of one benchmark on one loaded model.
+
+    Generation progress goes to stderr (`GenerationProgress`; `progress_options` are its
+    keyword arguments, e.g. `stream` and `interval`)."""
     sampling = sampling_config(config)
     prompts = encode_prompts(tokenizer, benchmark, eval_system_prompt(config.job.spec))
-    done = 0
-
-    def progress(n: int) -> None:
-        nonlocal done
-        done += n
-        log(f"{benchmark.name}: {done}/{len(prompts)} problems generated")
-
+    log(
+        f"{benchmark.name}: generating {len(prompts)} problems x {sampling.n} samples "
+        f"(up to {sampling.max_tokens} tokens each)"
+    )
     start = time.monotonic()
-    generations = backend.generate(prompts, sampling, progress)
+    with GenerationProgress(
+        benchmark.name, len(prompts), sampling.n, live=config.progress, **progress_options
+    ) as progress:
+        generations = backend.generate(prompts, sampling, progress)
     gen_seconds = time.monotonic() - start
     n_choices = [len(p.choices) or 4 for p in benchmark.problems]
+    phrase = config.job.spec.eval.accept_answer_phrase
     tasks = [
-        GradeTask(g.text, problem.answer, benchmark.kind, n)
+        GradeTask(g.text, problem.answer, benchmark.kind, n, answer_phrase=phrase)
         for problem, n, samples in zip(benchmark.problems, n_choices, generations, strict=True)
         for g in samples
     ]
+    log(f"{benchmark.name}: grading {len(tasks)} samples")
     verdicts = pool.grade(tasks)
     records = sample_records(benchmark, generations, verdicts)
     k = sampling.n
@@ -291,13 +323,15 @@ def run(config: StageConfig) -> dict[str, Any]:
     ev = job.spec.eval
     store = open_run_store(config)
     out_dir = layout.eval_dir(config.target or "train")
-    log = _stderr if config.progress else (lambda _: None)
+    log = _stderr  # plain lines: pod logs need them most (config.progress: a live bar)
 
     # everything checkable without a model, before any generation
     benchmarks = [load_benchmark(b).limited(ev.limit) for b in ev.benchmarks]
     if not benchmarks:
         raise UserError("eval.benchmarks is empty: name at least one benchmark")
     checkpoints = select_checkpoints(store, config)
+    # every model folder is checked before the earlier results are replaced
+    folders = {ckpt.name: checked_model_folder(store, ckpt, config) for ckpt in checkpoints}
     backend_name = choose_backend(ev.backend)
     log(
         f"{len(checkpoints)} checkpoint(s) x {len(benchmarks)} benchmark(s), k={ev.samples}, "
@@ -313,10 +347,7 @@ def run(config: StageConfig) -> dict[str, Any]:
         Telemetry(config, metrics_path, store=store) as telemetry,
     ):
         for ckpt in checkpoints:
-            if ckpt.key is None:
-                path = Path(str(ckpt.source))
-            else:
-                path = model_folder(store.pull(ckpt.key), ckpt.name)
+            path = folders[ckpt.name]
             log(f"checkpoint {ckpt.name}: loading {path}")
             backend, tokenizer = open_backend(backend_name, path, config)
             try:

@@ -47,8 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="system message (default: the training default; '' for none)",
     )
     p.add_argument("--chat-template", type=Path, help="file with a Jinja chat template")
+    p.add_argument(
+        "--accept-answer-phrase",
+        action="store_true",
+        help='also grade a math response without a \\boxed{} answer by its last "The answer '
+        "is: X\" phrase, as the seed's evaluation does (eval.acceptAnswerPhrase)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default runs/evaluate-<model>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
 
 
 def benchmark_entry(text: str) -> str | dict[str, Any]:
@@ -95,6 +101,7 @@ def standalone_config(args: argparse.Namespace) -> Any:
         "tensorParallelSize": args.tensor_parallel_size,
         "limit": args.limit,
         "systemPrompt": args.system_prompt,
+        "acceptAnswerPhrase": args.accept_answer_phrase,
     }
     slug = _slug(args.model)
     document = {

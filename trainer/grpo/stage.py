@@ -54,7 +54,7 @@ def run(config: StageConfig) -> None:
     import torch
 
     from psft.trainer.grpo.prompts import load_prompts
-    from psft.trainer.model import resolve_device
+    from psft.trainer.model import check_model_folder, resolve_device
     from psft.trainer.storage import open_run_store
     from psft.trainer.telemetry import Telemetry
 
@@ -74,6 +74,9 @@ def run(config: StageConfig) -> None:
             f"{source_key}: no PSFT model to start GRPO from; run the train stage first"
         )
     model_dir = store.pull(source_key)
+    check_model_folder(
+        model_dir, f"the PSFT model {source_key}", "run the train stage again to write it"
+    )
     stage = config.stage
     out_key = layout.final_model(stage)
     out_dir = store.local_path(out_key)

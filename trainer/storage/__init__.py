@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psft.trainer.storage.base import MissingArtifact, RunStore, StorageError
+from psft.trainer.storage.base import DiskFull, MissingArtifact, RunStore, StorageError
 from psft.trainer.storage.local import LocalRunStore
 from psft.trainer.storage.uri import fetch_uri
 from psft.workflows.stages import StageConfig
 
 __all__ = [
+    "DiskFull",
     "LocalRunStore",
     "MissingArtifact",
     "RunStore",

@@ -12,9 +12,12 @@ so a crash between the files and the marker leaves the previous checkpoint in fo
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +35,84 @@ class StorageError(UserError):
 
 class MissingArtifact(StorageError):
     """A key that a stage needs is not in the run's storage."""
+
+
+class DiskFull(StorageError):
+    """No space left on the device a stage writes to; the message says where and what now."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+_WRITE_FAILED_TEXT = ("unexpected pos", "file write failed", "iostream", "PytorchStreamWriter")
+NEARLY_FULL_BYTES = 64 << 10
+"""Free space below which a failed write is taken for a full disk (torch's own writer
+reports one as "unexpected pos", with no errno)."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system holding `path` (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether `exc` (or an error it came from) is a write that failed for lack of space."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+    writing = isinstance(exc, OSError) or (
+        isinstance(exc, RuntimeError) and any(t in str(exc) for t in _WRITE_FAILED_TEXT)
+    )
+    if where is not None and writing:
+        free = free_bytes(Path(where))
+        return free is not None and free < NEARLY_FULL_BYTES
+    return False
+
+
+def failed_file(exc: BaseException) -> str | None:
+    """The file a failed write named, when the error says."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.filename:
+            return str(e.filename)
+    return None
+
+
+def disk_full_message(exc: BaseException, where: Path, doing: str, then: str) -> str:
+    file = failed_file(exc)
+    writing = f" (writing {file})" if file else ""
+    return (
+        f"the disk is full: no space left on the device holding {where}{writing} while "
+        f"{doing}; {then}"
+    )
+
+
+@contextmanager
+def disk_full_is_an_error(where: Path, doing: str, then: str) -> Iterator[None]:
+    """A write that fails for lack of space becomes DiskFull (one paragraph, exit code 2)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc, where):
+            raise DiskFull(disk_full_message(exc, where, doing, then)) from exc
+        raise
 
 
 @runtime_checkable

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,8 +26,13 @@ class Generation:
     """Stopped by the token budget (or the context length), not by EOS."""
 
 
-Progress = Callable[[int], None]
-"""Called with the number of prompts just finished."""
+class Progress(Protocol):
+    """How far a backend's `generate` is (e.g. `psft.trainer.eval.progress.GenerationProgress`)."""
+
+    def __call__(self, prompts: int, samples: int | None = None) -> None:
+        """Totals so far: `prompts` whose samples are all generated, and `samples` generated
+        (None: all samples of those prompts and no others)."""
+        ...
 
 
 class Backend(Protocol):

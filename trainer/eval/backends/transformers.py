@@ -10,7 +10,7 @@ top-p runs in `NucleusFilter`, which avoids a full-vocabulary sort per step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,39 @@ class NucleusFilter:
         return torch.full_like(scores, float("-inf")).scatter(1, sorted_idx, kept_scores)
 
 
+def finished_counter(eos_ids: set[int], report: Callable[[int], None]) -> Any:
+    """A stopping criterion that never stops anything: it counts the sequences of a batch
+    that have emitted EOS (each generate step) and calls `report(count)` when it grows,
+    so progress advances within a batch, not only when the whole batch ends."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class FinishedCounter(StoppingCriteria):
+        def __init__(self) -> None:
+            self.finished: Any = None
+            self.count = 0
+            self.eos: Any = None
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            if self.eos is None or self.eos.device != input_ids.device:
+                self.eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
+            ended = torch.isin(input_ids[:, -1], self.eos)
+            self.finished = ended if self.finished is None else self.finished | ended
+            count = int(self.finished.sum())
+            if count > self.count:
+                self.count = count
+                report(count)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return FinishedCounter()
+
+
+def _criteria(counter: Any) -> Any:
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([counter] if counter is not None else [])
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -130,13 +163,20 @@ class TransformersBackend:
         torch.manual_seed(sampling.seed)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[list[Generation] | None] = [None] * len(prompts)
+        done = 0
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            outputs = self._generate_batch([prompts[i] for i in batch], sampling)
+            counter = None
+            if progress is not None:
+                counter = finished_counter(
+                    self.eos_ids, lambda n, done=done: progress(done, done * sampling.n + n)
+                )
+            outputs = self._generate_batch([prompts[i] for i in batch], sampling, counter)
             for i, generations in zip(batch, outputs, strict=True):
                 results[i] = generations
+            done += len(batch)
             if progress is not None:
-                progress(len(batch))
+                progress(done, done * sampling.n)
         return [r for r in results if r is not None]
 
     def _generation_config(self, sampling: SamplingConfig, max_new_tokens: int) -> Any:
@@ -170,7 +210,7 @@ class TransformersBackend:
         return LogitsProcessorList()
 
     def _generate_batch(
-        self, prompts: list[Sequence[int]], sampling: SamplingConfig
+        self, prompts: list[Sequence[int]], sampling: SamplingConfig, counter: Any = None
     ) -> list[list[Generation]]:
         import torch
 
@@ -195,6 +235,7 @@ class TransformersBackend:
                 attention_mask=attention.to(device),
                 generation_config=self._generation_config(sampling, max_new),
                 logits_processor=self._logits_processors(sampling),
+                stopping_criteria=_criteria(counter),
             )
         new_tokens = out[:, width:].tolist()
         generations: list[list[Generation]] = []

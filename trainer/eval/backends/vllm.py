@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,6 +35,71 @@ def import_vllm() -> ModuleType:
             f"eval.backend is 'vllm' but vLLM cannot be imported ({exc}); use the GPU trainer "
             "image, or eval.backend: transformers (or auto) on this machine"
         ) from exc
+
+
+class VLLMProgressBar:
+    """The part of tqdm's interface vLLM's `LLM.generate` uses, reporting to a Progress.
+
+    vLLM calls the `use_tqdm` factory with `total=<unfinished requests>` and updates the
+    bar as requests finish (by the number of samples of each), reading
+    `format_dict["elapsed"]` for its speed estimate and setting `postfix`; it may also call
+    it with an iterable ("Adding requests"), which is passed through. Progress goes by the
+    finished share of `total`, which holds whether vLLM counts prompts or samples.
+    """
+
+    disable = False
+
+    def __init__(
+        self,
+        progress: Progress,
+        prompts: int,
+        n: int,
+        iterable: Iterable[Any] | None = None,
+        *args: Any,
+        total: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.progress = progress
+        self.prompts = prompts
+        self.samples = prompts * n
+        self.iterable = iterable
+        self.total = total
+        self.n = 0
+        self.postfix: Any = kwargs.get("postfix")
+        self.started = time.monotonic()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def __len__(self) -> int:
+        return len(self.iterable) if isinstance(self.iterable, Sized) else int(self.total or 0)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)  # vLLM divides by it
+        return {"n": self.n, "total": self.total, "elapsed": elapsed}
+
+    def update(self, n: float = 1) -> bool | None:
+        self.n += n
+        if self.iterable is None and self.total:
+            share = min(self.n / self.total, 1.0)
+            self.progress(int(share * self.prompts + 1e-9), int(share * self.samples + 1e-9))
+        return None
+
+    def __enter__(self) -> VLLMProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        # refresh(), set_postfix(), set_description(), ...: nothing to draw
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
 
 
 class VLLMBackend:
@@ -87,7 +154,12 @@ class VLLMBackend:
         params: Any = self.sampling_params(sampling)
         if any(b != sampling.max_tokens for b in budgets):  # one SamplingParams per prompt
             params = [self.sampling_params(replace(sampling, max_tokens=b)) for b in budgets]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        # vLLM reports finished requests to a tqdm bar; `use_tqdm` takes a factory of one,
+        # so ours forwards them to `progress` (one generate call keeps vLLM's batching)
+        use_tqdm: Any = False
+        if progress is not None:
+            use_tqdm = partial(VLLMProgressBar, progress, len(prompts), sampling.n)
+        outputs = self.llm.generate(requests, params, use_tqdm=use_tqdm)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompts)} prompts")
         results = []
@@ -104,7 +176,7 @@ class VLLMBackend:
                 raise RuntimeError(f"vLLM returned {len(samples)} samples, expected {sampling.n}")
             results.append(samples)
         if progress is not None:
-            progress(len(prompts))
+            progress(len(prompts), len(prompts) * sampling.n)
         return results
 
     def _budget(self, prompt_tokens: int, max_tokens: int) -> int:
