@@ -23,8 +23,17 @@ from typing import Literal
 
 import torch
 
-AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
-AGG_MODES: tuple[AggMode, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "micro-token-mean"]
+AGG_MODES: tuple[AggMode, ...] = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "micro-token-mean",
+)
+SEQUENCE_COUNTED_MODES: frozenset[str] = frozenset(
+    {"seq-mean-token-sum", "seq-mean-token-mean", "micro-token-mean"}
+)
+"""Modes whose `denominator` is a number of sequences (token-mean's is a number of tokens)."""
 
 LOG_RATIO_LIMIT = 20.0
 """|logp - old_logp| is clamped to this before exp, as verl does, so a ratio stays finite."""
@@ -91,10 +100,18 @@ def aggregate(
     - `token-mean`: sum over all response tokens / number of response tokens.
     - `seq-mean-token-sum`: per sequence the sum over its tokens, then the mean over sequences.
     - `seq-mean-token-mean`: per sequence the mean over its tokens, then the mean over sequences.
+    - `micro-token-mean`: the token mean of this micro-batch, weighted by its share of the
+      mini-batch's sequences: sum / tokens(micro) * sequences(micro) / sequences(mini).
+      This is verl's legacy `dp_actor.update_policy` with `use_dynamic_bsz` (the seed's
+      normalisation, see docs/loss-normalisation.md). Unlike the other modes its value
+      depends on how a mini-batch is cut into micro-batches: with one sequence per
+      micro-batch it is `seq-mean-token-mean`, with the whole mini-batch in one micro-batch
+      it is `token-mean`.
 
     `denominator` replaces the count in the final division (tokens for token-mean, sequences
-    for the seq modes). Gradient accumulation passes the count of the whole mini-batch, so
-    that the losses of its micro-batches add up to exactly the mini-batch loss.
+    for the other modes). Gradient accumulation passes the count of the whole mini-batch, so
+    that the losses of its micro-batches add up to the mini-batch loss (for the first three
+    modes exactly the loss of one forward over the whole mini-batch).
     """
     mask = mask.to(loss_tok.dtype)
     if isinstance(denominator, torch.Tensor):
@@ -103,6 +120,11 @@ def aggregate(
         total = (loss_tok * mask).sum()
         count = mask.sum().clamp(min=1.0) if denominator is None else denominator
         return total / count
+    if mode == "micro-token-mean":
+        token_mean = (loss_tok * mask).sum() / mask.sum().clamp(min=1.0)
+        sequences = loss_tok.shape[0]
+        count = sequences if denominator is None else denominator
+        return token_mean * (sequences / count)
     if mode == "seq-mean-token-sum":
         per_seq = (loss_tok * mask).sum(dim=-1)
     elif mode == "seq-mean-token-mean":

@@ -153,6 +153,10 @@ def test_aggregation_modes_hand_computed() -> None:
     assert aggregate(loss_tok, mask, "seq-mean-token-sum").item() == pytest.approx(7.5)
     # seq-mean-token-mean: (2 + 4.5)/2 = 3.25
     assert aggregate(loss_tok, mask, "seq-mean-token-mean").item() == pytest.approx(3.25)
+    # micro-token-mean, the whole batch one micro-batch: its token mean, 3
+    assert aggregate(loss_tok, mask, "micro-token-mean").item() == pytest.approx(3.0)
+    # ... as one micro-batch of a mini-batch of 4 sequences: 3 * 2/4
+    assert aggregate(loss_tok, mask, "micro-token-mean", 4).item() == pytest.approx(1.5)
     with pytest.raises(ValueError, match="token-mean"):
         aggregate(loss_tok, mask, "mean")  # type: ignore[arg-type]
 
@@ -166,7 +170,7 @@ def test_psft_loss_value_hand_computed() -> None:
     assert out.loss.item() == pytest.approx(-(1.1 + 1.28 + 0.5) / 3, rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("mode", [m for m in AGG_MODES if m != "micro-token-mean"])
 def test_denominator_makes_micro_batches_add_up(mode: str) -> None:
     logits, labels, mask = _batch(seed=4, b=4)
     logp = token_logprobs(logits, labels)
@@ -214,3 +218,37 @@ def test_sft_reports_ratio_statistics_and_stats_add() -> None:
     total = out.stats + PolicyStats(tokens=2, clipped=1, ratio_sum=2, ratio_max=1, kl_sum=0)
     assert total.tokens == 4 and total.ratio_max == pytest.approx(2.0, rel=1e-6)
     assert total.means()["clip_fraction"] == pytest.approx(0.25)
+
+
+def test_micro_token_mean_weights_each_micro_batch_by_its_sequences() -> None:
+    """micro-token-mean (the seed's verl normalisation): each micro-batch's token mean,
+    weighted by its share of the mini-batch's sequences. Cut into single sequences it is
+    seq-mean-token-mean; left whole it is token-mean; in between, neither."""
+    logits, labels, mask = _batch(seed=5, b=4)
+    mask[3, 3:] = 0  # lengths 5, 3, 2, 1
+    logp = token_logprobs(logits, labels)
+    # ratios between 1 and exp(0.2) < 1 + clip_high: different per token, none clipped
+    old = logp - 0.2 * torch.rand(logp.shape, generator=torch.Generator().manual_seed(6))
+
+    def micro(rows: list[list[int]]) -> torch.Tensor:
+        parts = [
+            policy_loss(
+                logp[r], old[r], 1.0, mask[r], agg_mode="micro-token-mean", denominator=4, **CLIP
+            ).loss
+            for r in rows
+        ]
+        return sum(parts)
+
+    def whole(mode: str) -> torch.Tensor:
+        return policy_loss(logp, old, 1.0, mask, agg_mode=mode, **CLIP).loss
+
+    torch.testing.assert_close(micro([[0], [1], [2], [3]]), whole("seq-mean-token-mean"))
+    torch.testing.assert_close(micro([[0, 1, 2, 3]]), whole("token-mean"))
+    halves = micro([[0, 1], [2, 3]])
+    loss_tok = -torch.exp(logp - old)
+    by_hand = sum(
+        (loss_tok[r] * mask[r]).sum() / mask[r].sum() * len(r) / 4 for r in ([0, 1], [2, 3])
+    )
+    assert float(halves) == pytest.approx(float(by_hand), rel=1e-6)
+    assert abs(float(halves - whole("token-mean"))) > 1e-3
+    assert abs(float(halves - whole("seq-mean-token-mean"))) > 1e-3

@@ -4,8 +4,12 @@ A step takes the global batch split into mini-batches (one optimizer update each
 micro-batches (one forward/backward each, gradients accumulated):
 
 1. old log-probs and entropy of mini-batches 2..k under the policy before any update,
-   with no grad. Mini-batch 1 needs no extra forward: before the first update its ratio
-   is exactly 1, so the training forward's own detached log-probs serve as old log-probs.
+   with no grad, in eval mode (as verl and the seed compute them). Mini-batch 1 needs no
+   extra forward when the model computes the same thing in train and eval mode (no active
+   dropout, see `train_eval_differ`): before the first update its training forward's own
+   detached log-probs are then exactly the eval-mode old log-probs (ratio exactly 1). A
+   model with dropout gets an eval-mode no-grad forward for mini-batch 1 too, so that both
+   engines (verl always precomputes every mini-batch) optimise the same ratio.
 2. for each mini-batch: forward/backward of its micro-batches with the clipped-ratio loss
    (objective psft) or cross-entropy (objective sft), then one clipped optimizer update.
 
@@ -23,7 +27,15 @@ from typing import Any, Literal
 
 import torch
 
-from psft.trainer.loss import LossOutput, PolicyStats, policy_loss, sft_loss, token_entropy
+from psft.trainer.loss import (
+    SEQUENCE_COUNTED_MODES,
+    AggMode,
+    LossOutput,
+    PolicyStats,
+    policy_loss,
+    sft_loss,
+    token_entropy,
+)
 from psft.trainer.loss import token_logprobs as logprobs_from_logits
 
 MicroBatch = dict[str, torch.Tensor]
@@ -38,7 +50,7 @@ class ObjectiveConfig:
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
     clip_ratio_c: float = 10.0
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    loss_agg_mode: AggMode = "token-mean"
     grad_clip: float = 1.0
 
     @classmethod
@@ -122,10 +134,55 @@ def old_logprobs(
         model.train(was_training)
 
 
+DROPOUT_CONFIG_KEYS = ("dropout", "pdrop")
+"""Substrings of model-config keys that name a dropout probability. Hugging Face attention
+applies `config.attention_dropout` functionally (no nn.Dropout module to find)."""
+
+
+def _config_dropouts(config: Any, depth: int = 0) -> list[str]:
+    """Names of the dropout probabilities > 0 in a (possibly nested) model config."""
+    if depth > 4:
+        return []
+    values = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(values, dict):
+        return []
+    found = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found += [f"{key}.{k}" for k in _config_dropouts(value, depth + 1)]
+        elif (
+            any(part in str(key).lower() for part in DROPOUT_CONFIG_KEYS)
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value > 0
+        ):
+            found.append(str(key))
+    return found
+
+
+def train_eval_differ(model: torch.nn.Module) -> list[str]:
+    """Why a train-mode forward of `model` may differ from an eval-mode one (empty: it
+    cannot): dropout modules with p > 0, batch-norm layers (they use batch statistics in
+    train mode), and dropout probabilities > 0 in the model's config."""
+    reasons = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            reasons.append(f"{name or kind}: {kind}(p={module.p})")
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            reasons.append(f"{name or kind}: {kind}")
+    config = getattr(model, "config", None)
+    if config is not None:
+        reasons += [f"config.{key}" for key in _config_dropouts(config)]
+    return reasons
+
+
 def _denominator(micros: Sequence[MicroBatch], agg_mode: str) -> float:
-    if agg_mode == "token-mean":
-        return max(float(sum(m["loss_mask"].sum() for m in micros)), 1.0)
-    return float(sum(m["loss_mask"].shape[0] for m in micros))
+    """The whole mini-batch's count that each micro-batch's loss is divided by: response
+    tokens (token-mean) or sequences (the other modes, micro-token-mean included)."""
+    if agg_mode in SEQUENCE_COUNTED_MODES:
+        return float(sum(m["loss_mask"].shape[0] for m in micros))
+    return max(float(sum(m["loss_mask"].sum() for m in micros)), 1.0)
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -159,15 +216,22 @@ def train_step(
     """One global batch: old log-probs, then one clipped update per mini-batch.
 
     `old` may supply precomputed (old_logp, entropy) per micro-batch of every mini-batch
-    (a rollout engine already has them); by default they are computed here as described
-    in the module doc. `advantages(minibatch, micro)` gives per-micro-batch advantages
-    (GRPO); PSFT's is +1 everywhere.
+    (a rollout engine already has them; None for a mini-batch means: its own training
+    forward, detached). By default they are computed here as described in the module doc:
+    eval-mode no-grad forwards for mini-batches 2..k, and for mini-batch 1 as well when
+    `train_eval_differ(model)` finds dropout, since reusing a train-mode forward as the old
+    policy is exact only without it. `advantages(minibatch, micro)` gives per-micro-batch
+    advantages (GRPO); PSFT's is +1 everywhere.
     """
     started = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     psft = config.objective == "psft"
     if old is None:
-        old = [None] + [old_logprobs(model, mb) if psft else None for mb in minibatches[1:]]
+        reuse_first = not (psft and train_eval_differ(model))
+        old = [
+            None if (i == 0 and reuse_first) or not psft else old_logprobs(model, mb)
+            for i, mb in enumerate(minibatches)
+        ]
     model.train()
     optimizer.zero_grad(set_to_none=True)
 
@@ -180,12 +244,14 @@ def train_step(
         mb_loss = 0.0
         for j, micro in enumerate(micros):
             mask = micro["loss_mask"]
-            fresh_entropy = mb_old is None  # entropy from this forward (first mini-batch, sft)
+            fresh_entropy = mb_old is None  # entropy from this forward (reused first, sft)
             logp, entropy = policy_forward(model, micro, with_entropy=fresh_entropy)
             if mb_old is not None:
                 old_logp, entropy = mb_old[j]
             else:
-                old_logp = logp.detach()  # the policy has not been updated yet: ratio == 1
+                # mini-batch 1 of a model without dropout (train_eval_differ): before any
+                # update its train-mode forward is the eval-mode old policy, ratio == 1
+                old_logp = logp.detach()
             if psft or advantages is not None:
                 adv = 1.0 if advantages is None else advantages(i, j)
                 out: LossOutput = policy_loss(

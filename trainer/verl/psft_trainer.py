@@ -1,11 +1,15 @@
 """PSFT on verl's engine-based SFT trainer (no rollout engine).
 
 Per global batch (`data.train_batch_size` demonstrations):
-1. one no-grad forward through verl's engine (`infer_batch`) records the old log-probs
-   and the entropy of the current policy on the response tokens;
+1. one no-grad, eval-mode forward through verl's engine (`infer_batch`) records the old
+   log-probs and the entropy of the current policy on the response tokens of every
+   mini-batch, the first included (the native engine does the same whenever a train-mode
+   forward could differ, see psft.trainer.engine.step.train_eval_differ);
 2. `TrainingWorker.train_mini_batch` then runs batchSize/miniBatchSize optimizer updates
    in order, each with the PSFT loss of `psft.trainer.loss` (the same function the native
-   engine calls), normalised over the whole mini-batch so micro-batches add up exactly.
+   engine calls), normalised over the whole mini-batch so micro-batches add up exactly
+   (`micro-token-mean`: each micro-batch's token mean weighted by its share of the
+   mini-batch's sequences, as the seed's verl did; docs/loss-normalisation.md).
 
 The loss is also registered in verl's policy-loss registry as `psft`, so verl's PPO/GRPO
 actor can use it (`actor_rollout_ref.actor.policy_loss.loss_mode=psft`).
@@ -27,7 +31,7 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 from verl.trainer.sft_trainer import SFTTrainer
 from verl.utils import tensordict_utils as tu
 
-from psft.trainer.loss import AggMode, PolicyStats, policy_loss, sft_loss
+from psft.trainer.loss import SEQUENCE_COUNTED_MODES, AggMode, PolicyStats, policy_loss, sft_loss
 
 STAT_KEYS = ("tokens", "clipped", "ratio_sum", "ratio_max", "kl_sum")
 
@@ -70,10 +74,14 @@ def shifted_response_mask(loss_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _denominator(data: TensorDict, mode: AggMode) -> float:
+    """What this rank's micro-batch losses are divided by. verl's engine sums the
+    micro-batch losses of a rank and FSDP averages gradients over the `dp_size` ranks, so a
+    count over the whole mini-batch (all ranks) is divided by dp_size: the ranks' gradients
+    then average to the gradient of the mini-batch loss of psft.trainer.loss.aggregate."""
     dp_size = int(data["dp_size"])
-    if mode == "token-mean":
-        return float(data["batch_num_tokens"]) / dp_size
-    return float(tu.get_non_tensor_data(data, "psft_mini_batch_seqs", None)) / dp_size
+    if mode in SEQUENCE_COUNTED_MODES:
+        return float(tu.get_non_tensor_data(data, "psft_mini_batch_seqs", None)) / dp_size
+    return float(data["batch_num_tokens"]) / dp_size
 
 
 def psft_engine_loss(
@@ -124,10 +132,11 @@ def compute_policy_loss_psft(
     info = dict(getattr(config, "global_batch_info", None) or {})
     dp_size = int(info.get("dp_size") or 1)
     denominator = None
-    if loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is not None:
+    if loss_agg_mode in SEQUENCE_COUNTED_MODES:
+        if info.get("global_batch_size") is not None:
+            denominator = float(info["global_batch_size"]) / dp_size
+    elif info.get("batch_num_tokens") is not None:
         denominator = float(info["batch_num_tokens"]) / dp_size
-    elif loss_agg_mode != "token-mean" and info.get("global_batch_size") is not None:
-        denominator = float(info["global_batch_size"]) / dp_size
     clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
     clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
     out = policy_loss(
