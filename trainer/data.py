@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psft.trainer.storage.uri import local_input
 from psft.workflows.errors import UserError
 from psft.workflows.spec import DatasetSpec
 
@@ -109,7 +110,7 @@ def _local(path: str) -> Path:
         from psft.trainer.storage import fetch_uri
 
         return Path(fetch_uri(path))
-    local = Path(path).expanduser()
+    local = local_input(path)
     if local.is_dir():
         raise UserError(
             f"dataset file {path} is a folder, not a file (dataset.train / validation.files); "

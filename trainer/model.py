@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from psft.trainer.storage.uri import local_input
 from psft.workflows.errors import UserError
 from psft.workflows.models import REGISTERED_MODELS, RegisteredModel
 
@@ -125,7 +126,7 @@ def resolve_model(source: str) -> Path:
             raise UserError(f"model {source!r}: no config.json in the downloaded folder {path}")
         return path
 
-    local = Path(source).expanduser()
+    local = local_input(source)
     if _is_model_folder(local):
         return local.resolve()
     tried.append(

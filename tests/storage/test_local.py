@@ -112,5 +112,5 @@ def test_fetch_uri_passes_local_paths_and_names_through(tmp_path: Path) -> None:
 def test_unsupported_scheme(tmp_path: Path) -> None:
     job = make_job()
     config = make_stage_config(job).model_copy(update={"run_root": "gs://bucket/x"})
-    with pytest.raises(StorageError, match="only local folders and s3://"):
+    with pytest.raises(StorageError, match="only local folders and s3:// URIs are supported"):
         open_run_store(config)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from psft.trainer.eval.grading import LETTERS
+from psft.trainer.storage.uri import local_input
 from psft.workflows.benchmarks import REGISTERED_BENCHMARKS
 from psft.workflows.errors import UserError
 from psft.workflows.spec import CustomBenchmark
@@ -198,7 +199,7 @@ def load_custom(spec: CustomBenchmark, fetch: Callable[[str], Path] | None = Non
             from psft.trainer.storage import fetch_uri as fetch
         path = Path(fetch(spec.path))
     else:
-        path = Path(spec.path).expanduser()
+        path = local_input(spec.path)
     rows = read_rows(path)
     if not rows:
         raise UserError(f"benchmark {spec.name!r}: {path} has no rows")

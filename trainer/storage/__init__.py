@@ -11,11 +11,10 @@ fetch_uri("s3://bucket/models/x")        # s3:// inputs, cached; local paths pas
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from psft.trainer.storage.base import DiskFull, MissingArtifact, RunStore, StorageError
 from psft.trainer.storage.local import LocalRunStore
 from psft.trainer.storage.uri import fetch_uri
+from psft.workflows.paths import PathProblem, local_path
 from psft.workflows.stages import StageConfig
 
 __all__ = [
@@ -36,10 +35,10 @@ def open_run_store(config: StageConfig) -> RunStore:
         from psft.trainer.storage.s3 import S3RunStore
 
         return S3RunStore.from_config(config)
-    if config.run_root.startswith("file://"):
-        return LocalRunStore(Path(config.run_root.removeprefix("file://")), keep_checkpoints=keep)
-    if "://" in config.run_root:
+    try:
+        root = local_path(config.run_root)
+    except PathProblem as exc:
         raise StorageError(
-            f"run root {config.run_root!r}: only local folders and s3:// URIs are supported"
-        )
-    return LocalRunStore(Path(config.run_root), keep_checkpoints=keep)
+            f"run root: {exc} (only local folders and s3:// URIs are supported)"
+        ) from None
+    return LocalRunStore(root, keep_checkpoints=keep)

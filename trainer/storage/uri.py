@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from psft.workflows.errors import UserError
+from psft.workflows.paths import PathProblem, local_path
+
+
+def local_input(value: str) -> Path:
+    """The local path a spec or config value names, resolved as everywhere else in psft
+    (`~` expanded, `file:` URIs decoded: psft.workflows.paths); a UserError otherwise."""
+    try:
+        return local_path(value)
+    except PathProblem as exc:
+        raise UserError(str(exc)) from None
+
 
 def fetch_uri(uri: str, cache_dir: Path | None = None, **s3_options: object) -> Path:
     """A local path for `uri`: `s3://` objects or folders are downloaded once into a cache
@@ -13,4 +25,4 @@ def fetch_uri(uri: str, cache_dir: Path | None = None, **s3_options: object) -> 
         from psft.trainer.storage.s3 import fetch_s3_uri
 
         return fetch_s3_uri(uri, cache_dir=cache_dir, **s3_options)  # type: ignore[arg-type]
-    return Path(uri.removeprefix("file://")).expanduser()
+    return local_input(uri)
