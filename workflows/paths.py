@@ -149,6 +149,13 @@ def local_path(value: str) -> Path:
     return _expand_home(value, value)
 
 
+def s3_uri_in_local_folder(value: str) -> str:
+    return (
+        f"{shown(value)} is an S3 URI, but this is a local folder: for S3 set "
+        "spec.storage.type: s3 and spec.storage.s3"
+    )
+
+
 def local_folder(value: str) -> Path:
     """`local_path` of a folder psft writes runs under: never the root folder."""
     path = local_path(value)
@@ -213,10 +220,7 @@ def path_value_problem(item: PathValue) -> str | None:
     if is_s3_uri(item.value):
         if not item.field.s3_allowed:
             if item.field == STORAGE_LOCAL_PATH:
-                return (
-                    f"{shown(item.value)} is an S3 URI, but this is a local folder: for S3 "
-                    "set spec.storage.type: s3 and spec.storage.s3"
-                )
+                return s3_uri_in_local_folder(item.value)
             return f"{shown(item.value)} is an S3 URI; give the path of a local file"
         return s3_uri_problem(item.value)
     try:

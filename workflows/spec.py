@@ -7,7 +7,6 @@ snake_case in Python. Unknown fields are rejected everywhere.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,6 +14,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from psft.workflows import formats as fmt
+from psft.workflows.paths import is_s3_uri, local_folder, s3_uri_in_local_folder
 
 API_VERSION = "psft.dev/v1alpha1"
 KIND = "PSFTJob"
@@ -387,12 +387,9 @@ class LocalStorage(Section):
     @field_validator("path")
     @classmethod
     def _not_empty_or_root(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name a folder, e.g. 'runs'; an empty path is not allowed")
-        if "\x00" in value:
-            raise ValueError("must not contain a NUL character")
-        if value.strip().rstrip("/") == "" or Path(value).expanduser().resolve() == Path("/"):
-            raise ValueError("must not be the root folder '/': name a folder such as 'runs'")
+        if is_s3_uri(value):
+            raise ValueError(s3_uri_in_local_folder(value))
+        local_folder(value)  # PathProblem, a ValueError: empty, root, NUL, ~ of no user, ...
         return value
 
 

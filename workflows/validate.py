@@ -7,7 +7,6 @@ and `psft validate` call the same `validate_job`.
 
 from __future__ import annotations
 
-import copy
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -293,23 +292,6 @@ RULES: list[Rule] = [
 ]
 
 
-def _storage_path_checked(data: dict[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
-    """spec.storage.local.path checked before the schema sees it, whose validator expands `~`
-    and raises RuntimeError, not a field error, for `~name` of no user: the document without
-    a bad value (the schema then checks the rest), and the error."""
-    bad = [
-        (i.where, p)
-        for i in path_values(data, (STORAGE_LOCAL_PATH,))
-        if (p := path_value_problem(i))
-    ]
-    if not bad:
-        return data, []
-    data = copy.deepcopy(data)
-    for item in path_values(data, (STORAGE_LOCAL_PATH,)):
-        del item.holder[item.key]
-    return data, [FieldError(where, problem) for where, problem in bad]
-
-
 def _not_utf8(data: Any, where: str = "") -> Iterable[FieldError]:
     """Strings (keys and values) holding a lone UTF-16 surrogate such as `\\ud800`: no
     character at all, yet YAML and JSON escapes produce one. Such a string passes every
@@ -347,8 +329,7 @@ def validate_job(data: dict[str, Any], source: str = "") -> PSFTJob:
     """Parse and check a PSFTJob document; raise InvalidJob listing every error."""
     if not isinstance(data, dict):
         raise InvalidJob([FieldError("", "a PSFTJob must be a YAML mapping")], source)
-    data, errors = _storage_path_checked(data)
-    errors += list(_not_utf8(data))
+    errors = list(_not_utf8(data))
     try:
         job = PSFTJob.model_validate(data)
     except ValidationError as exc:
