@@ -8,7 +8,8 @@ from types import TracebackType
 from typing import Any, TextIO
 
 
-def _eta(seconds: float) -> str:
+def clock_text(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour on."""
     seconds = max(int(seconds), 0)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -27,8 +28,33 @@ def step_line(record: dict[str, Any], eta_s: float | None) -> str:
     if "val_loss" in record:
         parts.append(f"val_loss {record['val_loss']:.4f}")
     if eta_s is not None:
-        parts.append(f"eta {_eta(eta_s)}")
+        parts.append(f"eta {clock_text(eta_s)}")
     return " | ".join(parts)
+
+
+def live_bar(label: str, stream: TextIO, *, counts: bool) -> Any:
+    """A rich progress bar on `stream`: label, bar, [done/total], the task's `info` field,
+    elapsed and remaining time (training steps here, eval samples in eval.progress)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn(f"[bold]{label}"), BarColumn()]
+    if counts:
+        columns.append(MofNCompleteColumn())
+    columns += [
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=Console(file=stream))
 
 
 class StepProgress:
@@ -47,26 +73,7 @@ class StepProgress:
 
     def __enter__(self) -> StepProgress:
         if self.live:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream),
-            )
+            self._progress = live_bar("train", self.stream, counts=True)
             self._progress.start()
             self._task = self._progress.add_task(
                 "train", total=self.total, completed=self.start, info="starting"

@@ -22,15 +22,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TextIO
 
+from psft.trainer.engine.progress import clock_text, live_bar
+
 DEFAULT_INTERVAL = 15.0
 """Seconds between plain lines (pod logs)."""
-
-
-def clock_text(seconds: float) -> str:
-    seconds = max(int(seconds), 0)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class GenerationProgress:
@@ -135,24 +130,7 @@ class GenerationProgress:
     def __enter__(self) -> GenerationProgress:
         self._start = self.clock()
         if self.live:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn(f"[bold]{self.benchmark}"),
-                BarColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=Console(file=self.stream),
-            )
+            self._bar = live_bar(self.benchmark, self.stream, counts=False)
             self._bar.start()
             self._task = self._bar.add_task(
                 self.benchmark, total=max(self.total_samples, 1), info=self._counts()
