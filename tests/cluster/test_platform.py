@@ -78,7 +78,7 @@ def _drive(
     wf: str,
     exit_codes: dict[str, list[int]] | None = None,
     timeout: float = 180,
-    placements: dict[str, str] | None = None,
+    pod_specs: dict[str, dict[str, Any]] | None = None,
     pod_messages: dict[str, str] | None = None,
 ) -> list[str]:
     """Finish each stage pod as it starts, until the Workflow ends: with the next code of
@@ -104,8 +104,8 @@ def _drive(
         for pod in platform.running_pods(ns, wf):
             template = template_name(pod)
             ran.append(template)
-            if placements is not None:
-                placements[template] = pod["spec"]["nodeName"]
+            if pod_specs is not None:
+                pod_specs[template] = pod["spec"]
             code = codes[template].pop(0) if codes.get(template) else 0
             pod_message = (pod_messages or {}).pop(template, "") if code else ""
             platform.finish_pod(pod, code, OUTPUTS, f"exit {code}", pod_message)
@@ -187,15 +187,6 @@ def test_every_cluster_example_runs_as_rendered_pods_to_succeeded(platform, tmp_
     stages = {s.name: s for s in build_pipeline(job)}
     seen: dict[str, dict[str, Any]] = {}
 
-    def check_and_finish() -> str | None:
-        phase = platform.workflow(ns, wf).get("status", {}).get("phase")
-        if phase in ("Succeeded", "Failed", "Error"):
-            return phase
-        for pod in platform.running_pods(ns, wf):
-            seen[template_name(pod)] = pod["spec"]
-            platform.finish_pod(pod, 0, OUTPUTS, "exit 0")
-        return None
-
     def progress() -> str:
         nodes = platform.workflow(ns, wf).get("status", {}).get("nodes") or {}
         pods = platform.pods(ns, wf)
@@ -210,9 +201,10 @@ def test_every_cluster_example_runs_as_rendered_pods_to_succeeded(platform, tmp_
         )[-3000:]
 
     try:
-        assert wait_for(check_and_finish, 240, f"{example} to finish") == "Succeeded"
+        ran = _drive(platform, ns, wf, timeout=240, pod_specs=seen)
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {progress()}") from None
+    assert platform.workflow(ns, wf)["status"]["phase"] == "Succeeded", ran
     assert set(seen) == set(stages), (sorted(seen), sorted(stages))
     for stage_name, pod in seen.items():
         stage = stages[stage_name]
@@ -281,8 +273,9 @@ def test_retries_carry_no_deadline_from_the_first_attempt(platform, tmp_path):
     assert not [t for t in templates if "maxDuration" in json.dumps(t.get("retryStrategy", {}))]
     strategies = [t["retryStrategy"] for t in templates if "retryStrategy" in t]
     assert strategies and all("maxDuration" not in (r.get("backoff") or {}) for r in strategies)
-    nodes: dict[str, str] = {}
-    _drive(platform, ns, wf, placements=nodes)
+    specs: dict[str, dict[str, Any]] = {}
+    _drive(platform, ns, wf, pod_specs=specs)
+    nodes = {template: spec["nodeName"] for template, spec in specs.items()}
     # CPU-only stages stay off the tainted GPU nodes; the model stages land on them
     assert nodes["prepare"] == nodes["report"] == "cpu-0", nodes
     assert nodes["train"].startswith("gpu-") and nodes["eval"].startswith("gpu-"), nodes
