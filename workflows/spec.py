@@ -211,6 +211,10 @@ class PSFTSpec(Section):
     """Demonstrations per optimizer update; batchSize/miniBatchSize updates per step."""
     micro_batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 2
     """Demonstrations per forward pass (gradient accumulation within a mini-batch)."""
+    balance_batch: bool = True
+    """Reorder each step's batch into mini-batches of about equal token counts
+    (Karmarkar-Karp), as the seed's `balance_batch` does across its GPUs; the step's
+    demonstrations stay the same. Off: contiguous chunks of the shuffled batch."""
     epochs: Annotated[int, Field(gt=0, le=EPOCHS_MAX)] = 1
     max_steps: Annotated[int, Field(gt=0, le=STEPS_MAX)] | None = None
     """Stop after this many steps, whatever the epochs say."""

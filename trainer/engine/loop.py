@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from psft.trainer.data import Example, check_token_ids, collate, read_examples
+from psft.trainer.engine.balance import balanced_order
 from psft.trainer.engine.checkpoint import (
     CheckpointError,
     TrainState,
@@ -50,6 +51,20 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     if shuffle:
         random.Random(f"psft-epoch-{seed}-{epoch}").shuffle(order)
     return order
+
+
+def step_indices(lengths: Sequence[int], step: int, spec: Any, *, shuffle: bool) -> list[int]:
+    """Rows of training step `step` (0-based), in mini-batch order: the epoch's seeded
+    permutation cut into batches (a last partial batch is dropped), each batch reordered
+    into token-balanced mini-batches when psft.balanceBatch is on (engine.balance)."""
+    per_epoch = len(lengths) // spec.batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = epoch_order(len(lengths), epoch, spec.seed, shuffle)
+    batch = order[index * spec.batch_size : (index + 1) * spec.batch_size]
+    if spec.balance_batch and spec.updates_per_step > 1:
+        k = spec.updates_per_step
+        batch = [batch[i] for i in balanced_order([lengths[j] for j in batch], k)]
+    return batch
 
 
 def plan_total_steps(n_rows: int, spec: Any) -> tuple[int, int]:
@@ -207,11 +222,11 @@ class Trainer:
 
     # one step -------------------------------------------------------------------------------
     def batch_for(self, step: int) -> list[Example]:
-        epoch, index = divmod(step, self.steps_per_epoch)
         shuffle = self.config.job.spec.dataset.shuffle
-        order = epoch_order(len(self.train_rows), epoch, self.spec.seed, shuffle)
-        size = self.spec.batch_size
-        return [self.train_rows[k] for k in order[index * size : (index + 1) * size]]
+        indices = step_indices(
+            [len(r.input_ids) for r in self.train_rows], step, self.spec, shuffle=shuffle
+        )
+        return [self.train_rows[k] for k in indices]
 
     def run_step(self) -> dict[str, Any]:
         step = self.state.step
@@ -244,6 +259,11 @@ class Trainer:
         )
         with self.precision.autocast():
             return evaluate(self.model, batches)
+
+    def baseline_record(self) -> dict[str, Any]:
+        """Held-out NLL and entropy of the starting policy, logged as step 0: the point
+        every training curve starts from."""
+        return {"step": 0, "total_steps": self.total_steps, "epoch": 0, **self.validate()}
 
     def save(self) -> None:
         step = self.state.step
@@ -319,6 +339,13 @@ class Trainer:
                 progress.message(f"resuming {STAGE} from checkpoint step {self.resume_step}")
             if telemetry.url:
                 progress.message(f"metrics: {telemetry.url}")
+            if self.state.step == 0 and self.val_rows:
+                baseline = self.baseline_record()
+                telemetry.log(baseline)
+                progress.message(
+                    f"step 0 (before training): held-out NLL {baseline['val_loss']:.4f}, "
+                    f"entropy {baseline['val_entropy']:.4f}"
+                )
             while self.state.step < self.total_steps:
                 record = self.run_step()
                 last = self.state.step == self.total_steps
