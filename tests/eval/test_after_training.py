@@ -71,13 +71,13 @@ def test_all_and_best_checkpoints_of_a_real_training(tiny_model_dir: Path, tmp_p
         for r in map(json.loads, (root / "train" / "metrics.jsonl").read_text().splitlines())
         if "val_loss" in r
     }
-    assert set(val) == {2, 4}
+    assert set(val) == {0, 2, 4}  # step 0: the starting policy's baseline
     job.spec.eval.checkpoints = "best"
     assert main(["eval", "--config", str(_config(job, root, "eval", target="train"))]) == 0
     summary = json.loads((root / "eval" / "summary.json").read_text())
     metrics = (root / "eval" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 1  # the rerun replaced the first run's rows
-    best = min(val, key=lambda s: val[s])
+    best = min((s for s in val if s > 0), key=lambda s: val[s])  # no checkpoint at step 0
     assert summary["checkpoints"] == ["step-2" if best == 2 else "final"]
 
 

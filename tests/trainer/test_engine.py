@@ -62,9 +62,14 @@ def prepared(make_config, data_file: str, **psft):
     return config, store
 
 
-def records(store) -> list[dict]:
+def all_records(store) -> list[dict]:
     path = store.local_path(layout.metrics("train"))
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def records(store) -> list[dict]:
+    """The step records (without the step-0 held-out baseline)."""
+    return [r for r in all_records(store) if r["step"] > 0]
 
 
 def test_first_minibatch_shares_its_forward_and_later_ones_use_pre_update_policy(
@@ -157,7 +162,10 @@ def test_train_stage_outputs_metrics_checkpoints_and_final_model(
     config_path.write_text(config.dump())
     assert cli_main(["train", "--config", str(config_path)]) == 0
 
-    recs = records(store)
+    baseline, *recs = all_records(store)
+    # the starting policy's held-out NLL and entropy, before any update
+    assert baseline["step"] == 0 and "loss" not in baseline
+    assert baseline["val_loss"] > recs[-1]["val_loss"] and baseline["val_entropy"] > 0
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:
         assert set(r) >= CONTRACT_KEYS, CONTRACT_KEYS - set(r)

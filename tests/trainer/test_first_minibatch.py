@@ -137,3 +137,37 @@ def test_mini_batch_one_ratio_under_dropout_is_train_over_eval():
     result = train_step(model, optimizer, minibatches[:1], ObjectiveConfig(objective="psft"))
     assert result.stats.ratio_max > 1.0
     assert result.stats.means()["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+
+
+def step_of(objective: str, dropout: float = 0.0, **config):
+    model, minibatches, optimizer = fresh(dropout)
+    before = [old_logprobs(model, mb) for mb in minibatches]
+    pre_step = sum(
+        float((entropy * micro["loss_mask"]).sum())
+        for mb, olds in zip(minibatches, before, strict=True)
+        for micro, (_, entropy) in zip(mb, olds, strict=True)
+    )
+    tokens = sum(float(m["loss_mask"].sum()) for mb in minibatches for m in mb)
+    torch.manual_seed(7)
+    result = train_step(
+        model, optimizer, minibatches, ObjectiveConfig(objective=objective, **config)
+    )
+    return result, pre_step / tokens
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_sft_and_psft_log_the_entropy_of_the_pre_step_policy(dropout: float):
+    """Issue 15, item 5: the logged entropy is the same quantity for both objectives."""
+    sft, sft_pre = step_of("sft", dropout)
+    psft, psft_pre = step_of("psft", dropout)
+    assert sft_pre == psft_pre  # same model, same batch
+    assert sft.entropy == pytest.approx(sft_pre, rel=1e-6)
+    assert psft.entropy == pytest.approx(psft_pre, rel=1e-6)
+    assert sft.entropy == pytest.approx(psft.entropy, rel=1e-6)
+
+
+def test_plain_sft_without_pre_step_entropy_reads_the_moving_policy():
+    """pre_step_entropy=False (benchmarks' plain SFT): mini-batch 2's entropy comes from a
+    policy one update later, so it differs from the pre-step value."""
+    moving, pre = step_of("sft", pre_step_entropy=False)
+    assert moving.entropy != pytest.approx(pre, rel=1e-6)

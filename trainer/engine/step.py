@@ -13,8 +13,11 @@ micro-batches (one forward/backward each, gradients accumulated):
 2. for each mini-batch: forward/backward of its micro-batches with the clipped-ratio loss
    (objective psft) or cross-entropy (objective sft), then one clipped optimizer update.
 
-SFT skips step 1 entirely; its entropy is read from the training forwards (the policy just
-before each mini-batch's update), so it costs no extra forward either.
+SFT takes the same no-grad forwards for their entropy alone, so both objectives log the
+same quantity: the entropy of the pre-step policy on the step's batch (the curves the
+paper compares). `ObjectiveConfig.pre_step_entropy=False` gives plain SFT without them
+(its entropy is then read from the training forwards, the policy just before each
+mini-batch's update); benchmarks use it to time SFT as other trainers run it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class ObjectiveConfig:
     clip_ratio_c: float = 10.0
     loss_agg_mode: AggMode = "token-mean"
     grad_clip: float = 1.0
+    pre_step_entropy: bool = True
+    """SFT: log the pre-step policy's entropy (no-grad forwards of mini-batches 2..k), the
+    quantity PSFT logs. PSFT computes it anyway (its old log-probs)."""
 
     @classmethod
     def from_spec(cls, spec: Any) -> ObjectiveConfig:
@@ -227,9 +233,10 @@ def train_step(
     params = [p for p in model.parameters() if p.requires_grad]
     psft = config.objective == "psft"
     if old is None:
-        reuse_first = not (psft and train_eval_differ(model))
+        pre_step = psft or config.pre_step_entropy
+        reuse_first = not train_eval_differ(model)
         old = [
-            None if (i == 0 and reuse_first) or not psft else old_logprobs(model, mb)
+            None if (i == 0 and reuse_first) or not pre_step else old_logprobs(model, mb)
             for i, mb in enumerate(minibatches)
         ]
     model.train()

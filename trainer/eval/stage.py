@@ -122,10 +122,10 @@ def select_checkpoints(store: Any, config: StageConfig) -> list[Checkpoint]:
         ]
         return [*saved, Checkpoint(final.name, final.key, step=last)]
     # best by validation loss
-    validated = {
+    validated = {  # step 0 is the starting policy's baseline: no checkpoint of this run
         r["step"]: float(r["val_loss"])
         for r in records
-        if isinstance(r.get("val_loss"), int | float)
+        if isinstance(r.get("val_loss"), int | float) and r["step"] > 0
     }
     if not validated:
         raise UserError(
