@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psft.workflows import layout
-from psft.workflows.pipeline import Stage
+from psft.workflows.pipeline import Stage, arm_of
 from psft.workflows.spec import PSFTJob
 from psft.workflows.status import PSFTJobStatus
 
@@ -278,6 +278,8 @@ def desired_status(
     same_run = previous.get("startedAt") in (None, wf_status.get("startedAt"))
     metrics: dict[str, Any] | None = previous.get("metrics") if same_run else None
     eval_results: dict[str, Any] = {}
+    previous_arms = previous.get("armMetrics") if same_run else None
+    arm_metrics: dict[str, Any] = dict(previous_arms or {})
     for stage in stages:
         node = nodes.get(stage.name)
         if node is None:
@@ -293,12 +295,19 @@ def desired_status(
         if node_phase == "Running" and current is None:
             current = stage.name
         if stage.kind in _TRAINING_KINDS:
+            arm = arm_of(stage, job) if job.spec.compare.enabled else None
+            before = arm_metrics.get(arm) if arm else metrics
             record = _parameter(node, METRICS_PARAMETER)
+            found = None
             if isinstance(record, dict):
-                metrics = {"stage": stage.name, **_metrics_record(record)}
+                found = {"stage": stage.name, **_metrics_record(record)}
             elif (prog := _progress(node.get("progress"))) and node_phase == "Running":
-                base = metrics if metrics and metrics.get("stage") == stage.name else {}
-                metrics = {**base, "stage": stage.name, "step": prog[0], "totalSteps": prog[1]}
+                base = before if before and before.get("stage") == stage.name else {}
+                found = {**base, "stage": stage.name, "step": prog[0], "totalSteps": prog[1]}
+            if found and arm:
+                arm_metrics[arm] = found
+            if found and stage.objective is None:  # the main arm (and grpo)
+                metrics = found
         if stage.kind == "eval":
             eval_results.update(_eval_results(stage.name, _parameter(node, EVAL_PARAMETER)))
 
@@ -317,6 +326,8 @@ def desired_status(
         status["stages"] = stage_status
     if metrics:
         status["metrics"] = metrics
+    if arm_metrics:
+        status["armMetrics"] = arm_metrics
     if eval_results:
         status["evalResults"] = eval_results
         scores = [

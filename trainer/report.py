@@ -1,7 +1,10 @@
 """The report stage: plots and one summary.json from what earlier stages wrote.
 
-Reads `train/metrics.jsonl` (and `grpo/metrics.jsonl`, eval summaries when present) and
-writes `report/entropy.png`, `report/eval.png`, `report/report.md` and `summary.json`.
+Reads the metrics.jsonl of every training stage of the job's pipeline (`train`, the
+spec.compare arm `train-sft`, `grpo`) and the eval summaries when present, and writes
+`report/entropy.png`, `report/eval.png`, `report/report.md` and `summary.json`. Curves and
+scores are labelled by arm (the objective: psft, sft; or grpo), so a compare job's PSFT and
+SFT arms are overlaid in the same plots.
 """
 
 from __future__ import annotations
@@ -17,6 +20,21 @@ from psft.workflows.errors import UserError, shown
 from psft.workflows.stages import StageConfig
 
 TRAIN_STAGES = ("train", "grpo")
+"""Training stages of a job without spec.compare (training_stages gives any job's)."""
+
+
+def training_stages(job: Any) -> dict[str, str]:
+    """{training stage name: arm} in pipeline order (train, train-sft, grpo)."""
+    from psft.workflows.pipeline import arm_of, build_pipeline
+
+    return {s.name: arm_of(s, job) for s in build_pipeline(job) if s.kind in ("train", "grpo")}
+
+
+def eval_stages(job: Any) -> dict[str, str]:
+    """{eval stage's target: arm} of the job's eval stages."""
+    from psft.workflows.pipeline import arm_of, build_pipeline
+
+    return {s.target: arm_of(s, job) for s in build_pipeline(job) if s.kind == "eval" and s.target}
 
 
 REWRITE = "run the stage that writes it again, or move the file aside to report without it"
@@ -111,6 +129,8 @@ def summarize_training(records: list[dict[str, Any]]) -> dict[str, Any]:
     _, entropy = step_series(records, "entropy")
     last = records[-1]
     _, val_loss = step_series(records, "val_loss")
+    _, val_entropy = step_series(records, "val_entropy")
+    _, clip = step_series(records, "clip_fraction")
     keys = ("loss", "entropy", "clip_fraction", "ratio_mean", "approx_kl", "grad_norm")
     return {
         "steps": int(last.get("step", len(records))),
@@ -122,6 +142,9 @@ def summarize_training(records: list[dict[str, Any]]) -> dict[str, Any]:
             {"first": entropy[0], "last": entropy[-1], "min": min(entropy)} if entropy else {}
         ),
         "val_loss": {"first": val_loss[0], "last": val_loss[-1]} if val_loss else {},
+        "val_entropy": {"first": val_entropy[0], "last": val_entropy[-1]} if val_entropy else {},
+        "clip_fraction_mean": sum(clip) / len(clip) if clip else None,
+        "clip_active_steps": sum(1 for c in clip if c > 0.01) if clip else None,
     }
 
 
@@ -176,10 +199,19 @@ def plot_eval(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
     if not rows:
         return None
-    labels = [f"{r['benchmark']}\n{r.get('checkpoint', '')}".strip() for r in rows]
+    arms = list(dict.fromkeys(str(r.get("arm", "")) for r in rows))
+    several = len(arms) > 1
+
+    def label(r: dict[str, Any]) -> str:
+        arm = f"{r.get('arm', '')} " if several else ""
+        return f"{r['benchmark']}\n{arm}{r.get('checkpoint', '')}".strip()
+
+    labels = [label(r) for r in rows]
     values = [100 * float(r.get("avg_at_k", 0.0)) for r in rows]
+    palette = ["#4878d0", "#ee854a", "#6acc64", "#d65f5f"]
+    colors = [palette[arms.index(str(r.get("arm", ""))) % len(palette)] for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
-    bars = ax.bar(labels, values, color="#4878d0")
+    bars = ax.bar(labels, values, color=colors)
     ax.bar_label(bars, fmt="%.1f")
     k = rows[0].get("k", "k")
     ax.set(title=f"Avg@{k} (%)", ylim=(0, max(100.0, *values)))
@@ -204,27 +236,78 @@ def markdown_report(summary: dict[str, Any]) -> str:
             f"- final: {json.dumps(info['final'])}",
             "",
         ]
+    if summary.get("comparison"):
+        lines += comparison_table(summary["comparison"])
     if summary["eval"]:
-        lines += ["## Evaluation", "", "| checkpoint | benchmark | k | Avg@k | pass@k | maj@k |"]
-        lines.append("|---|---|---|---|---|---|")
+        lines += [
+            "## Evaluation",
+            "",
+            "| arm | checkpoint | benchmark | k | Avg@k | pass@k | maj@k |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in summary["eval"]:
             lines.append(
-                f"| {r.get('checkpoint', '')} | {r['benchmark']} | {r.get('k', '')} | "
-                f"{r.get('avg_at_k', float('nan')):.3f} | {r.get('pass_at_k', float('nan')):.3f} | "
-                f"{r.get('maj_at_k', float('nan')):.3f} |"
+                f"| {r.get('arm', '')} | {r.get('checkpoint', '')} | {r['benchmark']} | "
+                f"{r.get('k', '')} | {r.get('avg_at_k', float('nan')):.3f} | "
+                f"{r.get('pass_at_k', float('nan')):.3f} | {r.get('maj_at_k', float('nan')):.3f} |"
             )
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.4f}" if isinstance(value, float) else "n/a"
+
+
+def compare_arms(summary: dict[str, Any], arms: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Side-by-side figures of the arms of a spec.compare job: {arm: figures}."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage, arm in arms.items():
+        info = summary["training"].get(stage)
+        if not info or arm == "grpo":
+            continue
+        final, entropy = info.get("final", {}), info.get("entropy", {})
+        figures = {
+            "stage": stage,
+            "steps": info.get("steps"),
+            "entropy_first": entropy.get("first"),
+            "entropy_last": entropy.get("last"),
+            "clip_fraction_mean": info.get("clip_fraction_mean"),
+            "clip_active_steps": info.get("clip_active_steps"),
+            "val_loss_first": info.get("val_loss", {}).get("first"),
+            "val_loss_last": info.get("val_loss", {}).get("last"),
+            "val_entropy_last": info.get("val_entropy", {}).get("last"),
+            "grad_norm_last": final.get("grad_norm"),
+        }
+        for row in summary["eval"]:
+            if row.get("arm") == arm and row.get("checkpoint") == "final":
+                figures[f"avg_at_k/{row['benchmark']}"] = row.get("avg_at_k")
+        out[arm] = figures
+    return out
+
+
+def comparison_table(comparison: dict[str, dict[str, Any]]) -> list[str]:
+    arms = list(comparison)
+    keys = [k for k in next(iter(comparison.values())) if k != "stage"]
+    lines = ["## PSFT vs SFT (spec.compare)", "", "| | " + " | ".join(arms) + " |"]
+    lines.append("|---|" + "---|" * len(arms))
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(_fmt(comparison[a].get(key)) for a in arms) + " |")
+    return [*lines, ""]
+
+
 def build_summary(job_dir: Path, config: StageConfig) -> dict[str, Any]:
     job = config.job
-    training = {
-        stage: summarize_training(read_jsonl(job_dir / layout.metrics(stage)))
-        for stage in TRAIN_STAGES
-    }
+    arms = training_stages(job)
+    training = {}
+    for stage, arm in arms.items():
+        info = summarize_training(read_jsonl(job_dir / layout.metrics(stage)))
+        training[stage] = {"arm": arm, **info} if info else {}
     evals = []
-    for target in TRAIN_STAGES:
-        evals += eval_rows(read_json(job_dir / layout.eval_dir(target) / "summary.json"))
+    for target, arm in eval_stages(job).items():
+        rows = eval_rows(read_json(job_dir / layout.eval_dir(target) / "summary.json"))
+        evals += [{"arm": arm, **r} for r in rows]
     artifacts = {
         "spec": layout.SPEC,
         "train_metrics": layout.metrics("train"),
@@ -241,6 +324,11 @@ def build_summary(job_dir: Path, config: StageConfig) -> dict[str, Any]:
         "run_root": config.run_root,
         "training": {k: v for k, v in training.items() if v},
         "eval": evals,
+        "comparison": (
+            compare_arms({"training": training, "eval": evals}, arms)
+            if job.spec.compare.enabled
+            else {}
+        ),
         "artifacts": artifacts,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -255,18 +343,19 @@ def run(config: StageConfig) -> None:
     from psft.trainer.storage import open_run_store
 
     store = open_run_store(config)
-    for stage in TRAIN_STAGES:
+    arms = training_stages(config.job)
+    for stage in arms:
         _pull_optional(store, layout.metrics(stage))
         _pull_optional(store, f"{layout.eval_dir(stage)}/summary.json")
     job_dir = Path(store.work_dir)
     report_dir = job_dir / layout.REPORT
     summary = build_summary(job_dir, config)
-    runs = {s: read_jsonl(job_dir / layout.metrics(s)) for s in TRAIN_STAGES}
+    runs = {arm: read_jsonl(job_dir / layout.metrics(stage)) for stage, arm in arms.items()}
     plots = [
         plot_training(runs, report_dir / "entropy.png"),
         plot_eval(summary["eval"], report_dir / "eval.png"),
     ]
-    plots += _dashboard_panels(job_dir, report_dir)
+    plots += _dashboard_panels(job_dir, report_dir, list(arms))
     summary["artifacts"]["plots"] = [str(p.relative_to(job_dir)) for p in plots if p is not None]
     (report_dir / "report.md").write_text(markdown_report(summary))
     (job_dir / layout.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -275,13 +364,15 @@ def run(config: StageConfig) -> None:
     print(markdown_report(summary))
 
 
-def _dashboard_panels(job_dir: Path, report_dir: Path) -> list[Path | None]:
+def _dashboard_panels(
+    job_dir: Path, report_dir: Path, stages: list[str] | tuple[str, ...] = TRAIN_STAGES
+) -> list[Path | None]:
     """The Grafana dashboards' panels drawn from metrics.jsonl (psft.workflows.dashboards)."""
     try:
         from psft.workflows.dashboards import render_panels
     except ImportError:
         return []
-    files = {s: job_dir / layout.metrics(s) for s in TRAIN_STAGES}
+    files = {s: job_dir / layout.metrics(s) for s in stages}
     files = {s: p for s, p in files.items() if p.is_file()}
     if not files:
         return []

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from psft.workflows import layout, run_folder
 from psft.workflows.errors import UserError, shown
 from psft.workflows.paths import PathProblem, is_s3_uri, local_folder, with_local_paths_resolved
-from psft.workflows.pipeline import Stage, build_pipeline
+from psft.workflows.pipeline import COMPARE_ARM, Stage, build_pipeline
 from psft.workflows.spec import PSFTJob
 from psft.workflows.stages import stage_config
 
@@ -183,6 +183,10 @@ def _print_outputs(console, job: PSFTJob, run_dir: Path, results: list[StageResu
         ("evaluation", f"{layout.eval_dir('train')}/summary.json"),
         ("summary", layout.SUMMARY),
     ]
+    if job.spec.compare.enabled:
+        arm = f"train-{COMPARE_ARM}"
+        where[2:2] = [(f"{COMPARE_ARM} arm metrics", layout.metrics(arm))]
+        where[-1:-1] = [(f"{COMPARE_ARM} arm eval", f"{layout.eval_dir(arm)}/summary.json")]
     for label, key in where:
         local = run_dir / key
         if job.spec.storage.type == "s3" or local.exists():

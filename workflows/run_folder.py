@@ -16,6 +16,7 @@ from pathlib import Path
 
 from psft.workflows import layout
 from psft.workflows.errors import UserError
+from psft.workflows.pipeline import COMPARE_ARM
 from psft.workflows.spec_file import SpecFileError, read_document
 
 MARKER = ".psft-run"
@@ -23,7 +24,11 @@ STAGES_DIR = "stages"
 DIGEST_ANNOTATION = "psft.dev/spec-digest"
 
 # Top-level entries psft creates in a run folder (layout's keys and the executor's own).
-OWN_ENTRIES = ("data", "train", "grpo", "eval", "eval-grpo", "report", STAGES_DIR)
+ARM_TRAIN = f"train-{COMPARE_ARM}"
+OWN_ENTRIES = (
+    "data", "train", "grpo", "eval", "eval-grpo", ARM_TRAIN, layout.eval_dir(ARM_TRAIN),
+    "report", STAGES_DIR,
+)  # fmt: skip
 OWN_FILES = (layout.SPEC, layout.SUMMARY)
 
 

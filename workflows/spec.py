@@ -422,6 +422,14 @@ class TTLSpec(Section):
     """Seconds to keep a failed job's Workflow."""
 
 
+class CompareSpec(Section):
+    enabled: bool = False
+    """Also train an SFT arm beside the PSFT one: the same model, data, seed, schedule,
+    batches and evaluation, objective `sft`. Its stages are `train-sft` and `eval-sft`
+    (parallel branches of the Workflow on a cluster, run after the PSFT arm by `psft run`);
+    the report overlays both arms' entropy, NLL and Avg@k. Needs psft.objective: psft."""
+
+
 class PSFTJobSpec(Section):
     model: ModelSpec
     dataset: DatasetSpec
@@ -431,6 +439,8 @@ class PSFTJobSpec(Section):
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    compare: CompareSpec = Field(default_factory=CompareSpec)
+    """PSFT vs SFT in one job: an SFT arm trained and evaluated beside the PSFT one."""
     suspend: bool = False
     """Suspend the running Workflow; set back to false to resume."""
     restart_policy: Literal["Never", "OnSpecChange"] = "Never"

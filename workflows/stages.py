@@ -9,12 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from psft.workflows.pipeline import Stage, StageKind
-from psft.workflows.spec import PSFTJob
+from psft.workflows.spec import PSFTJob, PSFTSpec
 from psft.workflows.spec_file import SpecFileError, parse_json, read_text
 from psft.workflows.validate import InvalidJob, schema_errors, validate_job
 
@@ -36,6 +36,16 @@ class StageConfig(BaseModel):
     """Overrides job.spec.monitoring.metricsPort (0: any free port)."""
     progress: bool = True
     """Show a live progress bar (off in pods and CI logs)."""
+    objective: Literal["psft", "sft"] | None = None
+    """train stages of a spec.compare arm: train with this objective instead of
+    job.spec.psft.objective (everything else of the job stays the same)."""
+
+    def psft_spec(self) -> PSFTSpec:
+        """job.spec.psft as this stage trains with it (the arm's objective applied)."""
+        spec = self.job.spec.psft
+        if self.objective is None or self.objective == spec.objective:
+            return spec
+        return spec.model_copy(update={"objective": self.objective})
 
     def dump(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True, indent=2)
@@ -48,6 +58,7 @@ def stage_config(job: PSFTJob, stage: Stage, run_root: str, **extra: object) -> 
         job=job,
         run_root=run_root,
         target=stage.target,
+        objective=stage.objective,
         **extra,  # type: ignore[arg-type]
     )
 

@@ -137,7 +137,9 @@ class PSFTJobStatus(StatusSection):
     stages: dict[str, StageStatus] = Field(default_factory=dict)
     """Per stage, keyed by stage name (prepare, train, eval, grpo, eval-grpo, report)."""
     metrics: TrainingMetrics | None = None
-    """Latest training metrics."""
+    """Latest training metrics (of the main arm when spec.compare is on)."""
+    arm_metrics: dict[str, TrainingMetrics] | None = None
+    """spec.compare: the latest training metrics of each arm, keyed by arm (psft, sft)."""
     eval_results: dict[str, BenchmarkResult] = Field(default_factory=dict)
     """Evaluation results keyed by `<eval stage>/<benchmark>`, e.g. `eval/aime24`."""
     best_avg_at_k: Annotated[float, Field(ge=0.0, le=1.0)] | None = None

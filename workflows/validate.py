@@ -280,7 +280,26 @@ def _paths(job: PSFTJob) -> Iterable[FieldError]:
             yield FieldError(item.where, problem)
 
 
+def _compare(job: PSFTJob) -> Iterable[FieldError]:
+    spec = job.spec
+    if not spec.compare.enabled:
+        return
+    if spec.psft.objective != "psft":
+        yield FieldError(
+            "spec.compare.enabled",
+            "compares a PSFT arm with an SFT arm, so psft.objective must be 'psft' "
+            f"(it is '{spec.psft.objective}'): set psft.objective: psft",
+        )
+    if spec.psft.engine == "verl" or spec.resources.nodes > 1:
+        yield FieldError(
+            "spec.compare.enabled",
+            "runs its arms on the native engine (one node); set psft.engine: native and "
+            "resources.nodes: 1, or run the SFT baseline as a second PSFTJob",
+        )
+
+
 RULES: list[Rule] = [
+    _compare,
     _batch_sizes,
     _context_length,
     _storage,

@@ -94,7 +94,7 @@ def test_alerts_fire_on_collapse_stall_and_failure_only(
     collapse = (
         {"namespace": "ml", "job": "collapsing", "stage": "train", "severity": "warning"},
         {
-            "summary": "Entropy of PSFTJob ml/collapsing collapsed",
+            "summary": "Entropy of PSFTJob ml/collapsing collapsed in stage train",
             "description": "Token entropy of stage train is 0.150, below 0.2 of its starting "
             "(highest) value for 10m. The policy is turning deterministic, which usually "
             "costs out-of-domain generalisation: lower the learning rate or "

@@ -200,3 +200,64 @@ def test_psft_run_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Pat
     )
     assert again.returncode == 0
     assert again.stderr.count("skipped") >= 4
+
+
+@pytest.mark.integration
+def test_compare_runs_an_sft_arm_after_the_psft_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """spec.compare with `psft run`: train, eval, train-sft, eval-sft, report in that order;
+    the SFT arm trains the same batches from the same start with the SFT objective, and the
+    report overlays both arms."""
+    from psft.workflows.run_folder import OWN_ENTRIES
+
+    write_demonstrations(tmp_path / "train.jsonl", n=16)
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"problem": "What is 2 + 1?", "answer": "3"}) + "\n")
+    doc = make_job(
+        tmp_path,
+        model=str(tiny_model_dir),
+        psft={"batchSize": 4, "miniBatchSize": 2, "microBatchSize": 1, "maxSteps": 3,
+              "learningRate": 3e-3, "warmupSteps": 0, "saveEvery": 3},
+        dataset={"train": [str(tmp_path / "train.jsonl")], "maxPromptLength": 64,
+                 "maxResponseLength": 64, "validation": {"fraction": 0.25}},
+        resources={"device": "cpu"},
+        eval={"benchmarks": [{"name": "adds", "path": str(bench)}], "samples": 1,
+              "maxTokens": 6},
+        monitoring={"enabled": False},
+        compare={"enabled": True},
+    )  # fmt: skip
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(doc))
+    argv = [sys.executable, "-m", "psft.workflows.cli", "run", str(job_file), "--no-progress"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    order = [out.index(f"── {name} ") for name in ("train", "eval", "train-sft", "eval-sft")]
+    assert order == sorted(order)
+
+    run = tmp_path / "runs" / "tiny"
+
+    def steps(stage: str) -> list[dict]:
+        lines = (run / stage / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
+    psft, sft = steps("train"), steps("train-sft")
+    # the same start: identical step-0 baselines; the same batches: identical token counts
+    assert psft[0]["step"] == sft[0]["step"] == 0
+    assert psft[0]["val_loss"] == sft[0]["val_loss"]
+    assert [r["tokens"] for r in psft[1:]] == [r["tokens"] for r in sft[1:]]
+    # step 1's first update is the same for both (ratio 1 everywhere): equal entropy
+    assert psft[1]["entropy"] == pytest.approx(sft[1]["entropy"], rel=1e-6)
+    assert all(r["clip_fraction"] == 0.0 for r in sft[1:])
+    assert max(r["clip_fraction"] for r in psft[1:]) > 0.0
+    assert json.loads((run / "train-sft/summary.json").read_text())["objective"] == "sft"
+    assert list((run / "train-sft/final").glob("*.safetensors"))
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert {s: v["arm"] for s, v in summary["training"].items()} == {
+        "train": "psft", "train-sft": "sft",
+    }  # fmt: skip
+    assert sorted(r["arm"] for r in summary["eval"]) == ["psft", "sft"]
+    assert set(summary["comparison"]) == {"psft", "sft"}
+    assert summary["comparison"]["sft"]["clip_fraction_mean"] == 0.0
+    assert "## PSFT vs SFT" in (run / "report/report.md").read_text()
+    assert {"train-sft", "eval-train-sft"} <= set(OWN_ENTRIES)  # --fresh removes them too

@@ -337,3 +337,47 @@ def _metrics_of(summary: dict) -> dict:
     from psft.operator.status import _metrics_record
 
     return _metrics_record(summary)
+
+
+def test_compare_shows_both_arms_metrics_and_eval_results():
+    """spec.compare: train and train-sft run in parallel; the status keeps each arm's
+    latest metrics under armMetrics, `metrics` stays the PSFT arm's, and eval results of
+    both arms are listed."""
+    body = _body(compare={"enabled": True})
+    psft_summary = {"steps": 20, "final": {"entropy": 0.9, "clip_fraction": 0.03}}
+    wf = _workflow(
+        {
+            "phase": "Running",
+            "nodes": nodes(
+                node(WF, "train", "Succeeded", outputs=_outputs("metrics", psft_summary)),
+                node(WF, "train-sft", "Running", "7/20"),
+                node(WF, "eval", "Succeeded", outputs=_outputs("eval-results", [
+                    {"benchmark": "math", "checkpoint": "final", "avg_at_k": 0.25}])),
+            ),
+        }
+    )  # fmt: skip
+    status = _status(body, wf)
+    assert status["armMetrics"]["psft"] == {
+        "stage": "train", "step": 20, "entropy": 0.9, "clipFraction": 0.03,
+    }  # fmt: skip
+    assert status["armMetrics"]["sft"] == {"stage": "train-sft", "step": 7, "totalSteps": 20}
+    assert status["metrics"]["stage"] == "train"  # the SFT arm does not take it over
+    assert status["evalResults"] == {"eval/math": {"avgAtK": 0.25, "checkpoint": "final"}}
+    assert status["stage"] == "train-sft"
+
+    # later: the SFT arm ends; its summary replaces the progress, the PSFT arm is kept
+    wf["status"]["nodes"] = nodes(
+        node(WF, "train", "Succeeded", outputs=_outputs("metrics", psft_summary)),
+        node(WF, "train-sft", "Succeeded", outputs=_outputs("metrics", {
+            "steps": 20, "final": {"entropy": 0.2, "clip_fraction": 0.0}})),
+    )  # fmt: skip
+    body["status"] = status
+    later = _status(body, wf)
+    assert later["armMetrics"]["sft"]["entropy"] == 0.2
+    assert later["armMetrics"]["psft"]["entropy"] == 0.9
+
+
+def test_without_compare_there_are_no_arm_metrics():
+    wf = _workflow({"phase": "Running", "nodes": nodes(node(WF, "train", "Running", "1/9"))})
+    status = _status(_body(), wf)
+    assert "armMetrics" not in status and status["metrics"]["step"] == 1

@@ -56,3 +56,47 @@ def test_stage_config_round_trip() -> None:
     config = stage_config(job, stage, "runs/demo")
     again = StageConfig.model_validate_json(config.dump())
     assert again == config and again.target == "train" and again.kind == "eval"
+
+
+def with_spec(**sections) -> dict:
+    return {**BASE, "spec": {**BASE["spec"], **sections}}
+
+
+def test_compare_adds_an_sft_arm_beside_the_psft_one() -> None:
+    stages = build_pipeline(validate_job(with_spec(compare={"enabled": True})))
+    by_name = {s.name: s for s in stages}
+    assert [s.name for s in stages] == ["prepare", "train", "eval", "train-sft", "eval-sft",
+                                        "report"]  # fmt: skip
+    # a parallel branch: the SFT arm needs only the prepared data
+    assert by_name["train-sft"].depends == ("prepare",)
+    assert by_name["train-sft"].objective == "sft" and by_name["train"].objective is None
+    assert by_name["eval-sft"].target == "train-sft"
+    assert set(by_name["report"].depends) == {"eval", "eval-sft"}
+    config = stage_config(validate_job(with_spec(compare={"enabled": True})),
+                          by_name["train-sft"], "runs/demo")  # fmt: skip
+    assert config.psft_spec().objective == "sft"
+    assert config.job.spec.psft.objective == "psft"  # the job itself is unchanged
+    again = StageConfig.model_validate_json(config.dump())
+    assert again.objective == "sft" and again.psft_spec().objective == "sft"
+    assert layout.eval_dir("train-sft") == "eval-train-sft"
+
+
+def test_compare_without_eval_ends_both_arms_in_the_report() -> None:
+    doc = with_spec(compare={"enabled": True}, eval={"enabled": False})
+    stages = {s.name: s for s in build_pipeline(validate_job(doc))}
+    assert set(stages["report"].depends) == {"train", "train-sft"}
+
+
+def test_compare_needs_the_psft_objective_and_the_native_engine() -> None:
+    import pytest
+
+    from psft.workflows.validate import InvalidJob
+
+    for sections, fix in [
+        ({"psft": {"objective": "sft"}}, "set psft.objective: psft"),
+        ({"psft": {"engine": "verl"}}, "psft.engine: native"),
+    ]:
+        with pytest.raises(InvalidJob) as info:
+            validate_job(with_spec(compare={"enabled": True}, **sections))
+        assert [e.path for e in info.value.errors] == ["spec.compare.enabled"]
+        assert fix in info.value.errors[0].message

@@ -51,13 +51,9 @@ def render(**spec: Any) -> dict[str, Any]:
 
 
 def multi_node_job(**spec: Any) -> PSFTJob:
-    """A job with resources.nodes > 1: validate_job refuses it until the multi-node launcher
-    lands, so the RayJob renderer is exercised on the parsed model directly."""
-    job = PSFTJob.model_validate(s3_doc(**spec))
+    """A valid job with resources.nodes > 1 (its train step is a RayJob)."""
+    job = validate_job(s3_doc(**spec))
     assert job.spec.resources.nodes > 1
-    with pytest.raises(InvalidJob) as exc:
-        validate_job(s3_doc(**spec))
-    assert "spec.resources.nodes" in [e.path for e in exc.value.errors]
     return job
 
 
@@ -675,3 +671,21 @@ def test_every_folder_a_stage_writes_is_a_mounted_volume() -> None:
                 folder,
                 mounts,
             )
+
+
+def test_compare_arms_are_parallel_branches_of_the_workflow() -> None:
+    job = validate_job(s3_doc(compare={"enabled": True}))
+    wf = argo.render_workflow(job)
+    dag = tasks(wf)
+    assert dag["train"]["dependencies"] == dag["train-sft"]["dependencies"] == ["prepare"]
+    assert dag["eval-sft"]["dependencies"] == ["train-sft"]
+    assert sorted(dag["report"]["dependencies"]) == ["eval", "eval-sft"]
+    (artifact,) = templates(wf)["train-sft"]["inputs"]["artifacts"]
+    config = StageConfig.model_validate_json(base64.b64decode(artifact["raw"]["data"]))
+    assert config.objective == "sft" and config.psft_spec().objective == "sft"
+    outputs = {n: t["outputs"]["parameters"][0] for n, t in templates(wf).items() if "outputs" in t}
+    assert outputs["train-sft"]["valueFrom"]["path"] == "/psft/work/run/train-sft/summary.json"
+    assert outputs["eval-sft"]["valueFrom"]["path"] == (
+        "/psft/work/run/eval-train-sft/summary.json"
+    )
+    assert argo.check_workflow(wf) == []

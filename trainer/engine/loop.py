@@ -39,6 +39,7 @@ from psft.workflows.errors import UserError
 from psft.workflows.stages import StageConfig
 
 STAGE = "train"
+"""The train stage's name (a spec.compare arm's is `train-<objective>`: Trainer.stage)."""
 
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -107,7 +108,8 @@ class Trainer:
         self.config = config
         self.store = store
         job = config.job
-        self.spec = job.spec.psft
+        self.stage = config.stage
+        self.spec = config.psft_spec()
         self.objective = ObjectiveConfig.from_spec(self.spec)
         self.device = resolve_device(job.spec.resources.device)
 
@@ -120,13 +122,13 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = plan_total_steps(len(self.train_rows), self.spec)
         self.fingerprint = data_fingerprint(self.train_rows)
 
-        self.resume_step = store.latest_checkpoint(STAGE)
+        self.resume_step = store.latest_checkpoint(self.stage)
         if self.resume_step is not None:
             # every file of the checkpoint is checked before the model loads
             model_dir, resumed = self.verified_checkpoint(self.resume_step)
             if resumed.data_fingerprint != self.fingerprint:
                 raise UserError(
-                    f"cannot resume {STAGE} from checkpoint step {self.resume_step}: the "
+                    f"cannot resume {self.stage} from checkpoint step {self.resume_step}: the "
                     "prepared training data changed since it was written; start the run afresh "
                     "(psft run --fresh) or restore the original data"
                 )
@@ -177,7 +179,7 @@ class Trainer:
     # resuming -------------------------------------------------------------------------------
     def verified_checkpoint(self, step: int) -> tuple[Path, TrainState]:
         """(folder, state) of checkpoint `step`, every file checked before any model loads."""
-        key = layout.checkpoint(STAGE, step)
+        key = layout.checkpoint(self.stage, step)
         if not self.store.exists(key):
             raise self.unusable_checkpoint(step, f"{self.store.local_path(key)} does not exist")
         folder = self.store.pull(key)
@@ -189,8 +191,8 @@ class Trainer:
     def unusable_checkpoint(self, step: int, problem: str) -> CheckpointError:
         """The error for a `latest` marker naming a checkpoint that cannot be resumed from:
         what is wrong, and the complete older checkpoints the marker could name instead."""
-        marker = self.store.local_path(layout.latest_marker(STAGE))
-        folder = self.store.local_path(layout.checkpoints(STAGE))
+        marker = self.store.local_path(layout.latest_marker(self.stage))
+        folder = self.store.local_path(layout.checkpoints(self.stage))
         older = (
             sorted(
                 (
@@ -215,7 +217,7 @@ class Trainer:
                 "from the start (or restore the checkpoint from a backup)"
             )
         message = (
-            f"cannot resume {STAGE} from checkpoint step-{step}, which the `latest` marker "
+            f"cannot resume {self.stage} from checkpoint step-{step}, which the `latest` marker "
             f"names: {problem}. Nothing was changed; {instead}"
         )
         return CheckpointError(message, problem)
@@ -267,16 +269,16 @@ class Trainer:
 
     def save(self) -> None:
         step = self.state.step
-        folder = self.store.checkpoint_dir(STAGE, step)
+        folder = self.store.checkpoint_dir(self.stage, step)
         try:
             save_checkpoint(
                 folder, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state
             )
-            self.store.commit_checkpoint(STAGE, step)
+            self.store.commit_checkpoint(self.stage, step)
         except BaseException:
             # a checkpoint the marker does not name is incomplete: it only takes space
             try:
-                committed = self.store.latest_checkpoint(STAGE) == step
+                committed = self.store.latest_checkpoint(self.stage) == step
             except UserError:
                 committed = False
             if not committed:
@@ -302,7 +304,7 @@ class Trainer:
 
     def disk_full_message(self, exc: BaseException) -> str:
         try:
-            latest = self.store.latest_checkpoint(STAGE)
+            latest = self.store.latest_checkpoint(self.stage)
         except UserError:
             latest = None
         if latest is None:
@@ -316,7 +318,7 @@ class Trainer:
                 "give the run a larger volume) and run the stage again: it resumes from step "
                 f"{latest}"
             )
-        doing = f"the {STAGE} stage was writing step {self.state.step}"
+        doing = f"the {self.stage} stage was writing step {self.state.step}"
         return disk_full_message(exc, self.store.work_dir, doing, then)
 
     def _fit(self, stop_after: int | None) -> dict[str, Any] | None:
@@ -327,7 +329,7 @@ class Trainer:
         hf_logging.disable_progress_bar()  # ours is the only progress display
 
         config, spec, store = self.config, self.spec, self.store
-        metrics_path = store.local_path(layout.metrics(STAGE))
+        metrics_path = store.local_path(layout.metrics(self.stage))
         began = time.monotonic()
         elapsed_before = self.state.elapsed_s
         with (
@@ -336,7 +338,7 @@ class Trainer:
         ):
             telemetry.rewind(self.state.step)
             if self.resume_step is not None:
-                progress.message(f"resuming {STAGE} from checkpoint step {self.resume_step}")
+                progress.message(f"resuming {self.stage} from checkpoint step {self.resume_step}")
             if telemetry.url:
                 progress.message(f"metrics: {telemetry.url}")
             if self.state.step == 0 and self.val_rows:
@@ -367,7 +369,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         store = self.store
-        final_key = layout.final_model(STAGE)
+        final_key = layout.final_model(self.stage)
         final_dir = store.local_path(final_key)
         # written aside and renamed: a reader (eval) never finds half a final model
         partial = final_dir.with_name(f".{final_dir.name}.partial")
@@ -386,7 +388,7 @@ class Trainer:
         job = self.config.job
         last = self.state.last_record
         summary = {
-            "stage": STAGE,
+            "stage": self.stage,
             "objective": self.spec.objective,
             "model": job.spec.model.source,
             "device": self.device,
@@ -400,12 +402,12 @@ class Trainer:
             "wall_time_s": round(self.state.elapsed_s, 3),
             "final": {k: v for k, v in last.items() if isinstance(v, int | float)},
             "final_model": final_key,
-            "checkpoint": layout.checkpoint(STAGE, self.state.step),
+            "checkpoint": layout.checkpoint(self.stage, self.state.step),
             "state": {k: v for k, v in asdict(self.state).items() if k != "last_record"},
         }
-        path = store.local_path(layout.stage_summary(STAGE))
+        path = store.local_path(layout.stage_summary(self.stage))
         path.write_text(json.dumps(summary, indent=2) + "\n")
-        store.push(layout.stage_summary(STAGE))
+        store.push(layout.stage_summary(self.stage))
         return summary
 
 

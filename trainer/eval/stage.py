@@ -95,7 +95,7 @@ def _saved_steps(
 ) -> list[int]:
     """Steps whose resumable checkpoint is still stored (pruning keeps only the newest)."""
     steps = sorted({r["step"] for r in records})
-    if target == "train" and steps:  # train saves every saveEvery steps and at the end
+    if target != "grpo" and steps:  # train saves every saveEvery steps and at the end
         steps = [s for s in steps if (save_every and s % save_every == 0) or s == steps[-1]]
     return [s for s in steps if store.exists(layout.checkpoint(target, s))]
 

@@ -94,7 +94,8 @@ ENTROPY = PanelDef(
     title="Entropy (PSFT vs SFT)",
     description=(
         "Token-mean entropy of the policy over response tokens, measured before each "
-        "update. PSFT keeps it near its starting value; plain SFT lets it fall. Pick the "
+        "update. PSFT keeps it near its starting value; plain SFT lets it fall. A job with "
+        "spec.compare shows both arms (stages train and train-sft); otherwise pick the "
         "PSFT job and its SFT baseline in the `job` variable to compare them. The "
         "PSFTEntropyCollapse alert fires when it stays below a fraction of its start."
     ),
@@ -104,8 +105,8 @@ ENTROPY = PanelDef(
             "{{job}} · {{stage}}",
         ),
         Query(
-            f"max by (namespace, job) (psft_train_val_entropy{{{JOB_SELECTOR}}})",
-            "{{job}} · held-out",
+            f"max by (namespace, job, stage) (psft_train_val_entropy{{{JOB_SELECTOR}}})",
+            "{{job}} · {{stage}} held-out",
         ),
     ),
     field="entropy",
