@@ -238,6 +238,12 @@ def markdown_report(summary: dict[str, Any]) -> str:
         ]
     if summary.get("comparison"):
         lines += comparison_table(summary["comparison"])
+    for arm, best in (summary.get("best_checkpoint") or {}).items():
+        lines += [
+            f"Best checkpoint{f' of arm {arm}' if arm else ''}: **{best['checkpoint']}**, mean "
+            f"Avg@k {best['mean_avg_at_k']:.3f} over {', '.join(best['benchmarks'])}",
+            "",
+        ]
     if summary["eval"]:
         lines += [
             "## Evaluation",
@@ -252,6 +258,31 @@ def markdown_report(summary: dict[str, Any]) -> str:
                 f"{r.get('pass_at_k', float('nan')):.3f} | {r.get('maj_at_k', float('nan')):.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def best_checkpoints(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm, the evaluated checkpoint with the highest mean Avg@k over its math
+    benchmarks (the seed's "best in-domain checkpoint"; every benchmark when none is math).
+    Only arms with more than one evaluated checkpoint (eval.checkpoints: all)."""
+    out: dict[str, dict[str, Any]] = {}
+    arms = dict.fromkeys(str(r.get("arm", "")) for r in rows)
+    for arm in arms:
+        mine = [r for r in rows if str(r.get("arm", "")) == arm]
+        math = [r for r in mine if r.get("type") == "math"] or mine
+        by_checkpoint: dict[str, list[float]] = {}
+        for r in math:
+            if isinstance(r.get("avg_at_k"), int | float):
+                by_checkpoint.setdefault(str(r.get("checkpoint", "")), []).append(r["avg_at_k"])
+        if len(by_checkpoint) < 2:
+            continue
+        means = {c: sum(v) / len(v) for c, v in by_checkpoint.items()}
+        best = max(means, key=lambda c: means[c])
+        out[arm] = {
+            "checkpoint": best,
+            "mean_avg_at_k": means[best],
+            "benchmarks": sorted({r["benchmark"] for r in math}),
+        }
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -324,6 +355,7 @@ def build_summary(job_dir: Path, config: StageConfig) -> dict[str, Any]:
         "run_root": config.run_root,
         "training": {k: v for k, v in training.items() if v},
         "eval": evals,
+        "best_checkpoint": best_checkpoints(evals),
         "comparison": (
             compare_arms({"training": training, "eval": evals}, arms)
             if job.spec.compare.enabled

@@ -40,6 +40,8 @@ CONTEXT_MAX = 16_777_216
 ROWS_MAX = 1_000_000_000
 """Row and problem counts (limits and caps)."""
 SAMPLES_MAX = 1024
+BENCHMARKS_MAX = 64
+"""Benchmarks named in eval.samplesPerBenchmark (the registry has 8; custom files add more)."""
 """Samples per problem (eval k, GRPO group size): each is a full generation."""
 GPUS_MAX = 64
 """GPUs of one node (or of one vLLM engine); today's largest nodes have 8 or 16."""
@@ -211,6 +213,11 @@ class PSFTSpec(Section):
     """Demonstrations per optimizer update; batchSize/miniBatchSize updates per step."""
     micro_batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 2
     """Demonstrations per forward pass (gradient accumulation within a mini-batch)."""
+    max_tokens_per_micro_batch: Annotated[int, Field(gt=0, le=TOKENS_MAX)] | None = None
+    """Token-budget micro-batches (verl's dynamic batch size): each forward takes
+    consecutive demonstrations of its mini-batch up to this many tokens (prompt + response)
+    instead of microBatchSize demonstrations. Must be at least maxPromptLength +
+    maxResponseLength (the seed: 38912 = 2048 + 36864 per GPU)."""
     balance_batch: bool = True
     """Reorder each step's batch into mini-batches of about equal token counts
     (Karmarkar-Karp), as the seed's `balance_batch` does across its GPUs; the step's
@@ -310,6 +317,13 @@ class EvalSpec(Section):
     """Registered names (aime24, aime25, amc23, math500, minerva) or custom files."""
     samples: Annotated[int, Field(gt=0, le=SAMPLES_MAX)] = 32
     """k: samples per problem (Avg@k, pass@k, maj@k)."""
+    samples_per_benchmark: Annotated[
+        dict[Annotated[str, fmt.BENCHMARK_NAME], Annotated[int, Field(gt=0, le=SAMPLES_MAX)]],
+        Field(max_length=BENCHMARKS_MAX),
+        fmt.MapKeys(fmt.BENCHMARK_NAME),
+    ] = Field(default_factory=dict)
+    """k for some benchmarks instead of `samples`, by benchmark name (the seed: 32 for
+    AIME and AMC, 8 for MATH-500 and Minerva)."""
     temperature: Annotated[float, Field(ge=0.0, le=TEMPERATURE_MAX)] = 0.7
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
     max_tokens: Annotated[int, Field(gt=0, le=TOKENS_MAX)] = 32768

@@ -170,6 +170,14 @@ def _batch_sizes(job: PSFTJob) -> Iterable[FieldError]:
             "spec.psft.microBatchSize",
             f"({p.micro_batch_size}) must divide spec.psft.miniBatchSize ({p.mini_batch_size})",
         )
+    longest = job.spec.dataset.max_prompt_length + job.spec.dataset.max_response_length
+    if p.max_tokens_per_micro_batch is not None and p.max_tokens_per_micro_batch < longest:
+        yield FieldError(
+            "spec.psft.maxTokensPerMicroBatch",
+            f"({p.max_tokens_per_micro_batch}) must hold the longest demonstration, "
+            f"dataset.maxPromptLength + maxResponseLength = {longest}: raise it to {longest} "
+            "or more",
+        )
     g = job.spec.grpo
     if g.enabled and g.batch_size % g.mini_batch_size:
         yield FieldError(
@@ -269,6 +277,13 @@ def _eval(job: PSFTJob) -> Iterable[FieldError]:
                 f"spec.eval.benchmarks[{i}]", f"benchmark {shown(name)} is listed twice"
             )
         seen.add(name)
+    for name in job.spec.eval.samples_per_benchmark:
+        if name not in seen:
+            yield FieldError(
+                f"spec.eval.samplesPerBenchmark.{name}",
+                f"names no benchmark of eval.benchmarks ({', '.join(sorted(seen)) or 'none'}); "
+                "use one of those names",
+            )
 
 
 def _paths(job: PSFTJob) -> Iterable[FieldError]:

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psft.trainer.report import eval_rows, markdown_report, plot_training, summarize_training
+from psft.trainer.report import (
+    best_checkpoints,
+    compare_arms,
+    eval_rows,
+    markdown_report,
+    plot_training,
+    summarize_training,
+)
 
 RECORDS = [
     {"step": 1, "total_steps": 3, "loss": -1.0, "nll": 1.5, "entropy": 1.3, "tokens": 100},
@@ -47,4 +54,39 @@ def test_plot_and_markdown(tmp_path: Path) -> None:
             "eval": rows,
         }
     )
-    assert "| final | aime24 | 4 | 0.250 | 0.500 | 0.250 |" in text
+    assert "|  | final | aime24 | 4 | 0.250 | 0.500 | 0.250 |" in text
+
+
+def row(arm: str, checkpoint: str, benchmark: str, avg: float, kind: str = "math") -> dict:
+    return {"arm": arm, "checkpoint": checkpoint, "benchmark": benchmark, "avg_at_k": avg,
+            "type": kind}  # fmt: skip
+
+
+def test_best_checkpoint_is_the_highest_mean_math_avg_per_arm() -> None:
+    rows = [
+        row("psft", "step-12", "aime24", 0.30), row("psft", "step-12", "math500", 0.70),
+        row("psft", "final", "aime24", 0.20), row("psft", "final", "math500", 0.72),
+        row("psft", "final", "gpqa", 0.90, "multiple-choice"),  # not in-domain: ignored
+        row("sft", "final", "aime24", 0.10),  # one checkpoint only: nothing to pick
+    ]  # fmt: skip
+    best = best_checkpoints(rows)
+    assert set(best) == {"psft"}
+    assert best["psft"]["checkpoint"] == "step-12"
+    assert abs(best["psft"]["mean_avg_at_k"] - 0.5) < 1e-12
+    assert best["psft"]["benchmarks"] == ["aime24", "math500"]
+
+
+def test_comparison_puts_the_arms_side_by_side() -> None:
+    training = {
+        "train": {"arm": "psft", **summarize_training(RECORDS)},
+        "train-sft": {"arm": "sft", **summarize_training(RECORDS[:2])},
+    }
+    evals = [row("psft", "final", "aime24", 0.3), row("sft", "final", "aime24", 0.2)]
+    table = compare_arms({"training": training, "eval": evals}, {"train": "psft",
+                                                                 "train-sft": "sft"})  # fmt: skip
+    assert table["psft"]["entropy_last"] == 1.2 and table["sft"]["entropy_last"] == 1.1
+    assert table["psft"]["avg_at_k/aime24"] == 0.3 and table["sft"]["avg_at_k/aime24"] == 0.2
+    text = markdown_report({"job": "j", "objective": "psft", "model": "m",
+                            "training": training, "eval": evals, "comparison": table})  # fmt: skip
+    assert "| entropy_last | 1.2000 | 1.1000 |" in text
+    assert "| steps | 3 | 2 |" in text

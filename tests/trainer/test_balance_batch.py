@@ -79,3 +79,37 @@ def test_one_update_per_step_is_left_alone() -> None:
 
 def test_default_is_on_as_in_the_seed() -> None:
     assert PSFTSpec().balance_batch is True
+
+
+def test_token_budget_micro_batches_keep_order_and_fit_the_budget() -> None:
+    from psft.trainer.data import Example
+    from psft.trainer.engine.loop import micro_batches
+
+    rows = [Example(id=str(i), prompt=[], demonstration="", input_ids=[0] * n)
+            for i, n in enumerate([300, 500, 200, 900, 100, 100, 1000])]  # fmt: skip
+    budget = spec(True, max_tokens_per_micro_batch=1000)
+    micros = micro_batches(rows, budget)
+    assert [[r.id for r in m] for m in micros] == [["0", "1", "2"], ["3", "4"], ["5"], ["6"]]
+    assert all(sum(len(r.input_ids) for r in m) <= 1000 for m in micros)
+    # without a budget: microBatchSize demonstrations each
+    assert [len(m) for m in micro_batches(rows, spec(True))] == [1] * 7
+
+
+def test_a_budget_below_the_longest_demonstration_is_refused() -> None:
+    from psft.workflows.validate import InvalidJob, validate_job
+
+    doc = {
+        "metadata": {"name": "t"},
+        "spec": {
+            "model": {"source": "m"},
+            "dataset": {"train": ["d.jsonl"], "maxPromptLength": 2048,
+                        "maxResponseLength": 36864},
+            "psft": {"maxTokensPerMicroBatch": 32768},
+        },
+    }  # fmt: skip
+    with pytest.raises(InvalidJob) as info:
+        validate_job(doc)
+    assert [e.path for e in info.value.errors] == ["spec.psft.maxTokensPerMicroBatch"]
+    assert "38912" in info.value.errors[0].message
+    doc["spec"]["psft"]["maxTokensPerMicroBatch"] = 38912  # the seed's budget fits exactly
+    assert validate_job(doc).spec.psft.max_tokens_per_micro_batch == 38912

@@ -84,11 +84,34 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> MicroBatch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def token_budget_chunks(items: Sequence[Example], budget: int) -> list[Sequence[Example]]:
+    """Consecutive runs of `items` of at most `budget` tokens each (one item at least)."""
+    out: list[Sequence[Example]] = []
+    start, used = 0, 0
+    for i, item in enumerate(items):
+        n = len(item.input_ids)
+        if i > start and used + n > budget:
+            out.append(items[start:i])
+            start, used = i, 0
+        used += n
+    if start < len(items):
+        out.append(items[start:])
+    return out
+
+
+def micro_batches(minibatch: Sequence[Example], spec: Any) -> list[Sequence[Example]]:
+    """psft.maxTokensPerMicroBatch when set, else microBatchSize demonstrations each."""
+    budget = getattr(spec, "max_tokens_per_micro_batch", None)
+    if budget:
+        return token_budget_chunks(minibatch, budget)
+    return chunks(minibatch, spec.micro_batch_size)
+
+
 def make_minibatches(
     batch: Sequence[Example], spec: Any, pad_id: int, device: str
 ) -> list[list[MicroBatch]]:
     return [
-        [to_device(collate(micro, pad_id), device) for micro in chunks(mb, spec.micro_batch_size)]
+        [to_device(collate(micro, pad_id), device) for micro in micro_batches(mb, spec)]
         for mb in chunks(batch, spec.mini_batch_size)
     ]
 

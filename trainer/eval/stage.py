@@ -215,10 +215,11 @@ def open_backend(name: str, path: Path, config: StageConfig) -> tuple[Backend, A
     return tb, tb.tokenizer
 
 
-def sampling_config(config: StageConfig) -> SamplingConfig:
+def sampling_config(config: StageConfig, benchmark: str | None = None) -> SamplingConfig:
+    """Sampling of `benchmark` (eval.samplesPerBenchmark, else eval.samples per problem)."""
     ev = config.job.spec.eval
     return SamplingConfig(
-        n=ev.samples,
+        n=ev.samples_per_benchmark.get(benchmark or "", ev.samples),
         temperature=ev.temperature,
         top_p=ev.top_p,
         max_tokens=ev.max_tokens,
@@ -264,7 +265,7 @@ def evaluate_benchmark(
 
     Generation progress goes to stderr (`GenerationProgress`; `progress_options` are its
     keyword arguments, e.g. `stream` and `interval`)."""
-    sampling = sampling_config(config)
+    sampling = sampling_config(config, benchmark.name)
     prompts = encode_prompts(tokenizer, benchmark, eval_system_prompt(config.job.spec))
     log(
         f"{benchmark.name}: generating {len(prompts)} problems x {sampling.n} samples "
@@ -295,6 +296,7 @@ def evaluate_benchmark(
     generated = sum(r["tokens"] for r in records)
     row = {
         "benchmark": benchmark.name,
+        "type": benchmark.kind,
         **scores,
         "timed_out": sum(r["timed_out"] for r in records),
         "generated_tokens": generated,
@@ -334,7 +336,9 @@ def run(config: StageConfig) -> dict[str, Any]:
     folders = {ckpt.name: checked_model_folder(store, ckpt, config) for ckpt in checkpoints}
     backend_name = choose_backend(ev.backend)
     log(
-        f"{len(checkpoints)} checkpoint(s) x {len(benchmarks)} benchmark(s), k={ev.samples}, "
+        f"{len(checkpoints)} checkpoint(s) x {len(benchmarks)} benchmark(s), k={ev.samples}"
+        + "".join(f", {name} k={k}" for name, k in ev.samples_per_benchmark.items())
+        + ", "
         f"backend={backend_name}"
     )
 
