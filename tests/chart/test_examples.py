@@ -25,7 +25,12 @@ sys.path.insert(0, str(REPO / "tests" / "workflows"))
 from test_argo import example_job
 
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml"))
-CLUSTER_EXAMPLES = [p for p in EXAMPLES if p.name != "quickstart.yaml"]
+# the examples for a cluster keep their run in S3; local ones (quickstart, compare) do not
+CLUSTER_EXAMPLES = [
+    p
+    for p in EXAMPLES
+    if (yaml.safe_load(p.read_text())["spec"].get("storage") or {}).get("type") == "s3"
+]
 
 
 def _job(path: Path) -> PSFTJob:
@@ -74,6 +79,15 @@ def test_qwen_limo_uses_the_seed_hyperparameters() -> None:
     )
     job = load_job(REPO / "examples" / "qwen2.5-7b-limo.yaml")
     assert job.spec.resources.gpus_per_node == 8 and job.spec.psft.objective == "psft"
+    # issue 15: the loop and data settings of the seed's LIMO run (docs/seed-fidelity.md)
+    d, e = job.spec.dataset, job.spec.eval
+    assert (p.epochs, p.save_every, p.loss_agg_mode) == (25, 12, "micro-token-mean")
+    assert (p.max_tokens_per_micro_batch, p.balance_batch) == (38912, True)
+    assert (d.max_prompt_length, d.max_response_length, d.truncation) == (2048, 36864, "left")
+    assert d.validation.fraction == 0.0 and not d.validation.files
+    assert (e.samples, e.samples_per_benchmark, e.max_tokens, e.checkpoints) == (
+        32, {"math500": 8, "minerva": 8}, 10240, "all",
+    )  # fmt: skip
     baseline = load_job(REPO / "examples" / "qwen2.5-7b-limo-sft.yaml")
     assert baseline.spec.psft.objective == "sft"
     assert baseline.spec.dataset == job.spec.dataset
@@ -110,8 +124,6 @@ def test_the_workflow_role_grants_what_the_rayjob_supervisor_calls(
     grants exactly the supervisor's calls, beside what Argo's executor needs."""
     from psft.trainer.rayjob import SUPERVISOR_RULES
 
-    # validate_job refuses nodes > 1 for now (EXPECTED_ERRORS): the job is parsed without
-    # the rule, since the chart still ships the RBAC its train step needs
     workflow = _workflow(REPO / "examples" / "multinode.yaml")
     train = next(t for t in workflow["spec"]["templates"] if t["name"] == "train")
     assert train["container"]["args"][0] == "rayjob"
