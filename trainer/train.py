@@ -14,9 +14,12 @@ from psft.workflows.stages import StageConfig
 
 
 def select_engine(config: StageConfig) -> str:
-    """`native` or `verl`, from psft.engine (auto: verl when asking for several GPUs)."""
+    """`native` or `verl`, from psft.engine (auto: verl when asking for several GPUs or
+    several nodes: only verl runs on a Ray cluster)."""
     spec = config.job.spec
     engine = spec.psft.engine
+    if engine == "auto" and spec.resources.nodes > 1:
+        return "verl"
     if engine == "auto":
         many = spec.resources.gpus_per_node * spec.resources.nodes > 1
         engine = "verl" if many and spec.resources.device != "cpu" else "native"
@@ -49,5 +52,5 @@ def run(config: StageConfig) -> None:
     if "val_loss" in final:
         parts.append(f"val_loss {final['val_loss']:.4f}")
     print(f"train ({summary['objective']}): " + ", ".join(parts))
-    print(f"final model: {store.root}/{layout.final_model('train')}")
-    print(f"metrics:     {store.root}/{layout.metrics('train')}", flush=True)
+    print(f"final model: {store.root}/{layout.final_model(config.stage)}")
+    print(f"metrics:     {store.root}/{layout.metrics(config.stage)}", flush=True)

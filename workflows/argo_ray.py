@@ -8,8 +8,9 @@ from the ConfigMap built here) owned by the Workflow, adopts or replaces one lef
 earlier attempt, waits for it to end, and reports the driver's progress and summary like a
 one-node train pod. KubeRay retries the Ray job `backoffLimit` times; Argo retries the
 supervisor on infrastructure failures; spec.activeDeadlineSeconds bounds the step and the
-RayJob. Validation refuses `resources.nodes > 1` until the multi-node launcher is written,
-so only a job parsed without validate_job's rules renders this step (the tests do).
+RayJob. The entrypoint runs on the Ray head as the job's driver: it joins the cluster
+(RAY_ADDRESS) and trains with verl's Ray trainer, one worker per GPU of every node
+(psft.trainer.verl.ray_trainer, docs/multinode.md).
 Gang scheduling: the RayJob carries the queue label of Kueue, or Volcano's scheduler and
 queue labels that KubeRay turns into a PodGroup, when the spec names them.
 """

@@ -59,8 +59,8 @@ path. On a cluster the same checks happen in two places:
 - **The operator**, which runs `psft validate`'s code before creating anything: it also
   rejects unknown fields, unknown benchmark names, duplicate benchmarks, a prompt plus
   response budget above the model's context length, local paths that name no file and
-  `s3://` URIs with a bucket name S3 refuses or a `.`/`..` segment, `spec.resources.nodes`
-  above 1 (multi-node training is not supported yet) and `spec.storage.type: local` (each
+  `s3://` URIs with a bucket name S3 refuses or a `.`/`..` segment, and
+  `spec.storage.type: local` (each
   stage runs in its own pod, so a cluster run needs S3). A job that fails shows phase
   `Invalid` and condition `Valid=False` with every field error.
 
@@ -108,11 +108,12 @@ base64-encoded input artifact, never on a command line, and no spec string meets
 - `activeDeadlineSeconds` is the Workflow's deadline (Argo stops it and the job fails)
   and that of every stage template and of a multi-node RayJob. Unset, a job may run
   for as long as it takes.
-- Multi-node training is refused by validation until its launcher is written. The
-  renderer is ready for it: with `resources.nodes` > 1 the train step runs
+- Multi-node training (docs/multinode.md): with `resources.nodes` > 1 the train step runs
   `psft rayjob`, a small supervisor pod (no GPU) that creates a KubeRay `RayJob`
   (`ray.io/v1`, Ray {argo_ray.RAY_VERSION}): one head and `nodes - 1` workers with
-  `gpusPerNode` GPUs each, entrypoint `{argo_ray.ENTRYPOINT}`, owned by the Workflow.
+  `gpusPerNode` GPUs each, entrypoint `{argo_ray.ENTRYPOINT}` (the driver of verl's Ray
+  trainer, one worker per GPU; checkpoints go from the workers to S3), owned by the
+  Workflow.
   A retried step adopts the RayJob if it still runs and replaces it if it ended, so
   retries never start a second Ray cluster. KubeRay retries the Ray job `backoffLimit`
   times; the step succeeds when KubeRay reports `Complete` with `SUCCEEDED`, and fails

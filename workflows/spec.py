@@ -267,8 +267,9 @@ class ResourcesSpec(Section):
     gpus_per_node: Annotated[int, Field(ge=0, le=GPUS_MAX)] = 1
     """GPUs each training pod asks for (nvidia.com/gpu)."""
     nodes: Annotated[int, Field(gt=0, le=NODES_MAX)] = 1
-    """Nodes for training. Only 1 is accepted for now: validation refuses more, because
-    multi-node training (verl on a KubeRay RayJob) has no launcher yet."""
+    """Nodes for training. Above 1, the train stage runs as a KubeRay RayJob: verl's Ray
+    trainer with gpusPerNode workers per node (device cpu: one), checkpoints from the
+    workers to S3 (docs/multinode.md)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Local runs: where to train. `auto`: cuda when available."""
     image: Annotated[str, fmt.IMAGE_FORMAT] = DEFAULT_TRAINER_IMAGE
@@ -318,7 +319,7 @@ class EvalSpec(Section):
     samples: Annotated[int, Field(gt=0, le=SAMPLES_MAX)] = 32
     """k: samples per problem (Avg@k, pass@k, maj@k)."""
     samples_per_benchmark: Annotated[
-        dict[Annotated[str, fmt.BENCHMARK_NAME], Annotated[int, Field(gt=0, le=SAMPLES_MAX)]],
+        dict[str, Annotated[int, Field(gt=0, le=SAMPLES_MAX)]],
         Field(max_length=BENCHMARKS_MAX),
         fmt.MapKeys(fmt.BENCHMARK_NAME),
     ] = Field(default_factory=dict)

@@ -78,13 +78,11 @@ MAX_STAGE_CONFIG_BYTES = 8 << 20
 """A stage config carries the resolved job (a spec file holds at most 1 MiB), base64 in a pod."""
 
 
-def read_stage_config(path: str | Path, *, rules: bool = True) -> StageConfig:
+def read_stage_config(path: str | Path) -> StageConfig:
     """The stage config in `path`; SpecFileError (one line, the file and the fix) otherwise.
 
     Its job is checked as `psft validate` checks a spec (the schema, then every cross-field
-    rule of workflows.validate), unless `rules` is False: `psft rayjob`, the supervisor of
-    the multi-node train step, is kept and tested for when multi-node lands, while the
-    rules still refuse resources.nodes > 1."""
+    rule of workflows.validate)."""
     text = read_text(path, MAX_STAGE_CONFIG_BYTES, "a stage config")
     if str(path).endswith(ENCODED_SUFFIX):
         try:
@@ -93,7 +91,7 @@ def read_stage_config(path: str | Path, *, rules: bool = True) -> StageConfig:
             raise SpecFileError(path, f"not base64 of a UTF-8 stage config: {exc}") from None
     try:
         data = parse_json(text)
-        if rules and isinstance(data, dict) and isinstance(data.get("job"), dict):
+        if isinstance(data, dict) and isinstance(data.get("job"), dict):
             _check_job(path, data["job"])
         return StageConfig.model_validate(data)
     except ValueError as exc:  # parse_json's, or pydantic's ValidationError

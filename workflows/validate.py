@@ -97,6 +97,10 @@ def _maximum_at(loc: Iterable[Any]) -> int | float | None:
             items = [typing.get_args(t) for t, _ in leaves if typing.get_origin(t) is list]
             leaves = [leaf for args in items for leaf in _leaves(args[0])]
             continue
+        maps = [typing.get_args(t) for t, _ in leaves if typing.get_origin(t) is dict]
+        if maps:  # `part` is a key of a map: its value's type
+            leaves = [leaf for args in maps for leaf in _leaves(args[1])]
+            continue
         models = [t for t, _ in leaves if isinstance(t, type) and issubclass(t, BaseModel)]
         if any(t.__name__ == part for t in models) or part in {"str", "int", "float"}:
             continue  # a union-member tag
@@ -213,18 +217,11 @@ def _grpo(job: PSFTJob) -> Iterable[FieldError]:
         )
 
 
-MULTI_NODE_UNSUPPORTED = (
-    "multi-node training is not supported yet (the Ray launcher is not written); "
-    "use nodes: 1 with up to gpusPerNode GPUs"
-)
-
-
 def _resources(job: PSFTJob) -> Iterable[FieldError]:
+    """Multi-node training (a KubeRay RayJob driving verl's Ray trainer, see
+    psft.trainer.verl.ray_trainer) needs the verl engine and gpusPerNode workers per node
+    (on `device: cpu`, one worker per node). The CRD has both as CEL rules."""
     r = job.spec.resources
-    if r.nodes > 1:
-        # psft.workflows.argo_ray renders the RayJob, but the verl launcher refuses to run
-        # on more than one node: refuse here instead of failing the train pod on a cluster
-        yield FieldError("spec.resources.nodes", MULTI_NODE_UNSUPPORTED)
     if r.nodes > 1 and job.spec.psft.engine == "native":
         yield FieldError(
             "spec.psft.engine",

@@ -147,12 +147,15 @@ def test_load_job_reports_unreadable_and_malformed_files(tmp_path: Path) -> None
         load_job(broken)
 
 
-def test_multi_node_is_refused_until_the_launcher_lands() -> None:
-    assert errors_of(job_with(resources={"nodes": 2, "gpusPerNode": 8})) == [
-        "spec.resources.nodes: multi-node training is not supported yet (the Ray launcher is "
-        "not written); use nodes: 1 with up to gpusPerNode GPUs"
+def test_multi_node_needs_verl_and_gpus_per_node() -> None:
+    validate_job(job_with(resources={"nodes": 2, "gpusPerNode": 8}))
+    validate_job(job_with(resources={"nodes": 2, "device": "cpu"}))
+    assert errors_of(job_with(psft={"engine": "native"}, resources={"nodes": 2})) == [
+        "spec.psft.engine: 'native' runs on one node; resources.nodes is 2: use 'verl' or 'auto'"
     ]
-    validate_job(job_with(resources={"nodes": 1, "gpusPerNode": 8}))
+    assert errors_of(job_with(resources={"nodes": 2, "gpusPerNode": 0})) == [
+        "spec.resources.gpusPerNode: must be > 0 for multi-node training"
+    ]
 
 
 def test_examples_validate(repo_root: Path) -> None:

@@ -113,3 +113,19 @@ def test_a_budget_below_the_longest_demonstration_is_refused() -> None:
     assert "38912" in info.value.errors[0].message
     doc["spec"]["psft"]["maxTokensPerMicroBatch"] = 38912  # the seed's budget fits exactly
     assert validate_job(doc).spec.psft.max_tokens_per_micro_batch == 38912
+
+
+def test_the_verl_engines_sampler_yields_the_native_engines_order() -> None:
+    pytest.importorskip("verl")
+    from psft.trainer.verl.psft_trainer import EpochOrderSampler
+
+    rng = random.Random(2)
+    lengths = [rng.randint(20, 900) for _ in range(37)]
+    s = spec(True)
+    sampler = EpochOrderSampler(
+        len(lengths), batch_size=8, seed=3, shuffle=True, rank=0, world=1,
+        lengths=lengths, updates_per_step=s.updates_per_step,
+    )  # fmt: skip
+    sampler.set_epoch(1)
+    native = [i for step in range(4, 8) for i in step_indices(lengths, step, s, shuffle=True)]
+    assert list(sampler) == native

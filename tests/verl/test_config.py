@@ -67,6 +67,8 @@ def make_job(**psft) -> PSFTJob:
                     "saveEvery": 5,
                     "keepCheckpoints": 3,
                     "gradientCheckpointing": True,
+                    "maxTokensPerMicroBatch": 640,
+                    "balanceBatch": False,
                     **psft,
                 },
                 "resources": {"gpusPerNode": 4, "nodes": 1, "device": "cuda"},
@@ -86,6 +88,9 @@ EXPECTED = {
     "data.val_files": (["/run/val.parquet"], "spec.dataset.validation"),
     "data.max_length": (300, "spec.dataset.maxResponseLength"),
     "psft.shuffle": (False, "spec.dataset.shuffle"),
+    "psft.balance_batch": (False, "spec.psft.balanceBatch"),
+    "data.use_dynamic_bsz": (True, "spec.psft.maxTokensPerMicroBatch"),
+    "data.max_token_len_per_gpu": (640, "spec.psft.maxTokensPerMicroBatch"),
     "data.train_batch_size": (32, "spec.psft.batchSize"),
     "psft.mini_batch_size": (8, "spec.psft.miniBatchSize"),
     "data.micro_batch_size_per_gpu": (4, "spec.psft.microBatchSize"),
@@ -142,7 +147,6 @@ def test_every_setting_is_accounted_for(settings):
 
 def test_engine_internals(settings):
     assert settings["engine.strategy"].value == "fsdp2"
-    assert settings["data.use_dynamic_bsz"].value is False
     assert settings["data.pad_mode"].value == "no_padding"
     assert settings["trainer.logger"].value == ["console"]
     assert settings["data.custom_cls.name"].value == "PreTokenizedDataset"
@@ -204,15 +208,17 @@ def test_batch_arithmetic_is_checked_before_launch():
         build_config(make_job(batchSize=6, miniBatchSize=6), INPUTS)
 
 
-def test_launcher_refuses_several_nodes(tmp_path):
+def test_processes_per_node(tmp_path):
+    """One process per GPU of each node (Ray places them), one per node on CPUs."""
     from psft.trainer.verl.launch import _nproc
     from psft.workflows.stages import StageConfig
 
     job = make_job()
     job.spec.resources.nodes = 2
+    job.spec.resources.gpus_per_node = 8
     config = StageConfig(stage="train", kind="train", job=job, run_root=str(tmp_path))
-    with pytest.raises(UserError, match=r"^spec\.resources\.nodes: 2 nodes; this launcher"):
-        _nproc(config, "cuda")
+    assert _nproc(config, "cuda") == 8
+    assert _nproc(config, "cpu") == 1
 
 
 def test_torchrun_argv_is_a_list_of_arguments():

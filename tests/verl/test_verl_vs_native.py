@@ -118,9 +118,22 @@ def micro_runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return run_both(tiny_model_dir, base, steps=2, loss_agg_mode="micro-token-mean")
 
 
-def records(root: Path) -> list[dict]:
+def all_records(root: Path) -> list[dict]:
     lines = (root / "train" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def records(root: Path) -> list[dict]:
+    """The training steps' records (step 0 is the held-out baseline before training)."""
+    return [r for r in all_records(root) if r["step"] > 0]
+
+
+def test_both_log_the_same_baseline_before_training(runs):
+    native, verl = all_records(runs["native"])[0], all_records(runs["verl"])[0]
+    assert native["step"] == verl["step"] == 0
+    assert set(native) == set(verl)
+    for key in ("val_loss", "val_entropy"):
+        assert verl[key] == pytest.approx(native[key], rel=REL_TOL)
 
 
 def test_same_steps_and_record_keys(runs):
@@ -202,9 +215,9 @@ def test_a_restarted_run_resumes_from_verls_checkpoint(runs, tiny_model_dir):
     root = runs["verl"]
     job = make_job(tiny_model_dir, root.parent / "train.jsonl", "verl")
     job.spec.psft.max_steps = STEPS + 1
-    before = records(root)
+    before = all_records(root)
     train.run(stage(job, "train", root))
-    after = records(root)
-    assert [r["step"] for r in after] == [1, 2, 3, 4]
-    assert after[:3] == before
+    after = all_records(root)
+    assert [r["step"] for r in after] == [0, 1, 2, 3, 4]
+    assert after[:4] == before
     assert (root / "train/verl/checkpoints/global_step_4").is_dir()

@@ -9,10 +9,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
-EXPECTED_ERRORS: dict[str, list[str]] = {
-    # the target multi-node setup: refused until the multi-node (Ray) launcher is written
-    "multinode.yaml": ["spec.resources.nodes"],
-}
+EXPECTED_ERRORS: dict[str, list[str]] = {}
 """Examples that `validate_job` refuses on purpose: file name -> field paths of the errors."""
 
 

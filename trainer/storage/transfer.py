@@ -270,7 +270,9 @@ class EtagIndex:
             for r in remotes:
                 self._data[r.name] = [r.etag, r.size]
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".psft-tmp-{self.path.name}")
+            # a name of this process' own: the processes of one node (the training
+            # workers of a multi-node run) share the run's mirror and this index
+            tmp = self.path.with_name(f".psft-tmp-{os.getpid()}-{self.path.name}")
             tmp.write_text(json.dumps(self._data))
             os.replace(tmp, self.path)
 

@@ -77,6 +77,7 @@ def verl_settings(job: PSFTJob, inputs: VerlInputs) -> list[Setting]:
             "spec.dataset.maxResponseLength",
         ),
         Setting("psft.shuffle", data.shuffle, "spec.dataset.shuffle"),
+        Setting("psft.balance_batch", psft.balance_batch, "spec.psft.balanceBatch"),
         Setting("data.train_batch_size", psft.batch_size, "spec.psft.batchSize"),
         Setting("psft.mini_batch_size", psft.mini_batch_size, "spec.psft.miniBatchSize"),
         Setting("data.micro_batch_size_per_gpu", psft.micro_batch_size, "spec.psft.microBatchSize"),
@@ -108,7 +109,16 @@ def verl_settings(job: PSFTJob, inputs: VerlInputs) -> list[Setting]:
         Setting("trainer.experiment_name", job.metadata.name, "metadata.name"),
         # engine internals: verl's FSDP2 engine, our pre-tokenized rows, no external loggers
         Setting("engine.strategy", "fsdp2", ENGINE_FIELD),
-        Setting("data.use_dynamic_bsz", False, ENGINE_FIELD),
+        Setting(
+            "data.use_dynamic_bsz",
+            psft.max_tokens_per_micro_batch is not None,
+            "spec.psft.maxTokensPerMicroBatch",
+        ),
+        Setting(
+            "data.max_token_len_per_gpu",
+            psft.max_tokens_per_micro_batch or data.max_prompt_length + data.max_response_length,
+            "spec.psft.maxTokensPerMicroBatch",
+        ),
         Setting("data.pad_mode", "no_padding", ENGINE_FIELD),
         Setting("data.truncation", "error", ENGINE_FIELD),
         Setting("data.num_workers", 0, ENGINE_FIELD),

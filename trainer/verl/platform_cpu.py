@@ -162,10 +162,19 @@ def init_process_group(timeout_s: int = 36000) -> tuple[int, int, int]:
     return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
+def init_process_group_ray(timeout_second: int | None = None, backend: str | None = None) -> None:
+    """verl's `initialize_global_process_group_ray` (a Ray worker: RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT set by verl's RayWorkerGroup), with plain gloo."""
+    from verl.utils.distributed import initialize_global_process_group_ray
+
+    initialize_global_process_group_ray(timeout_second=timeout_second, backend="gloo")
+
+
 def install() -> None:
-    """Route verl's process-group init through `init_process_group` and let its FSDP
-    engines (registered for cuda and npu only) serve the `cpu` device. Idempotent."""
+    """Route verl's process-group inits (torchrun and Ray workers) through gloo and let its
+    FSDP engines (registered for cuda and npu only) serve the `cpu` device. Idempotent."""
     import verl.utils.distributed as verl_distributed
+    import verl.workers.engine_workers as engine_workers
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import (
         FSDPEngineWithLMHead,
@@ -173,6 +182,7 @@ def install() -> None:
     )
 
     verl_distributed.initialize_global_process_group = init_process_group
+    engine_workers.initialize_global_process_group_ray = init_process_group_ray
     for model_type, engine in (
         ("language_model", FSDPEngineWithLMHead),
         ("value_model", FSDPEngineWithValueHead),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -183,12 +183,28 @@ class PreTokenizedDataset(torch.utils.data.Dataset):
 
 
 class EpochOrderSampler(torch.utils.data.Sampler[int]):
-    """The native engine's row order (psft.trainer.engine.loop.epoch_order), split
-    across data-parallel ranks batch by batch, so both engines see the same batches."""
+    """The native engine's row order (psft.trainer.engine.loop.epoch_order, each batch
+    cut into token-balanced mini-batches when `lengths` are given: psft.balanceBatch),
+    split across data-parallel ranks batch by batch, so both engines see the same batches."""
 
-    def __init__(self, n: int, *, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        rank: int,
+        world: int,
+        lengths: Sequence[int] | None = None,
+        updates_per_step: int = 1,
+    ):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world, self.epoch = rank, world, 0
+        self.lengths, self.updates_per_step = lengths, updates_per_step
+        self.skip_batches = 0
+        """Global batches of the epoch the next iteration leaves out (a resumed run's
+        position in its epoch); reset once that iteration starts."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -201,9 +217,23 @@ class EpochOrderSampler(torch.utils.data.Sampler[int]):
 
         order = epoch_order(self.n, self.epoch, self.seed, self.shuffle)
         per_rank = self.batch_size // self.world
-        for b in range(self.n // self.batch_size):
+        first, self.skip_batches = self.skip_batches, 0
+        for b in range(first, self.n // self.batch_size):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.lengths is not None and self.updates_per_step > 1:
+                from psft.trainer.engine.balance import balanced_order
+
+                sizes = [self.lengths[i] for i in batch]
+                batch = [batch[i] for i in balanced_order(sizes, self.updates_per_step)]
             yield from batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+def balance_options(config: Any, dataset: PreTokenizedDataset) -> dict[str, Any]:
+    """EpochOrderSampler's balancing arguments from the verl config (psft.balanceBatch)."""
+    if not config.psft.get("balance_batch", False):
+        return {}
+    updates = int(config.data.train_batch_size) // int(config.psft.mini_batch_size)
+    return {"lengths": [len(ids) for ids in dataset.input_ids], "updates_per_step": updates}
 
 
 def _flatten(values: Any) -> list[float]:
@@ -235,8 +265,179 @@ def _mean(values: Iterable[float]) -> float:
 StepCallback = Callable[[dict[str, Any]], None]
 
 
-class PSFTTrainer(SFTTrainer):
-    """verl's SFTTrainer with PSFT steps: old log-probs once per batch, then mini-batches.
+class PSFTSteps:
+    """PSFT steps over verl's `TrainingWorker` API, shared by the one-node trainer (SPMD, a
+    `TrainingWorker` in every torchrun process) and the Ray trainer (psft.trainer.verl.
+    ray_trainer: a driver holding the whole global batch, a `RayWorkerGroup` of workers).
+
+    Per step: `infer_batch` (old log-probs and entropy of the batch), then
+    `train_mini_batch` (batchSize/miniBatchSize updates with `psft_engine_loss`). The
+    subclass says how a call's result arrives (`_result`), how this process' partial sums
+    become the global ones (`_reduce`), which learning rate the step uses, how the batch is
+    laid out over data-parallel ranks (`_dispatch_order`) and how a checkpoint is saved.
+    """
+
+    loss_settings: LossSettings
+    mini_batch_size: int
+    on_step: StepCallback | None
+    reports: bool = True
+    """Whether this process reports steps (rank 0 in SPMD, the driver on Ray)."""
+
+    def _result(self, output: Any) -> Any:
+        return output
+
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums
+
+    def _learning_rate(self) -> float:
+        raise NotImplementedError
+
+    def _dispatch_order(self, data: TensorDict) -> TensorDict:
+        return data
+
+    def _save(self, step: int) -> None:
+        raise NotImplementedError
+
+    def _meta_info(self) -> dict[str, Any]:
+        return {
+            "use_remove_padding": self.config.model.use_remove_padding,
+            "use_dynamic_bsz": self.config.data.use_dynamic_bsz,
+            "max_token_len_per_gpu": self.config.data.max_token_len_per_gpu,
+            "micro_batch_size_per_gpu": self.config.data.micro_batch_size_per_gpu,
+            "temperature": 1.0,
+            "global_batch_size": self.global_batch_size,
+            "pad_mode": self.config.data.pad_mode,
+            "pad_token_id": self.model_config.tokenizer.pad_token_id,
+        }
+
+    def _old_logprobs(self, data: TensorDict) -> float:
+        """No-grad forward of the whole batch: stores old_log_probs, returns the entropy
+        (token mean over response tokens, all data-parallel ranks)."""
+        infer = data.clone()
+        tu.assign_non_tensor(infer, compute_loss=False, calculate_entropy=True)
+        output = self._result(self.training_client.infer_batch(infer))
+        log_probs = tu.get(output, "log_probs") if output is not None else None
+        if log_probs is None:
+            raise RuntimeError("verl returned no log-probs for the old-policy forward")
+        data["old_log_probs"] = log_probs.detach()
+        entropy = _padded(tu.get(output, "entropy"))
+        mask = shifted_response_mask(data["loss_mask"])
+        local = self._reduce(torch.stack([(entropy * mask).sum(), mask.sum()]).double())
+        return float(local[0] / local[1].clamp(min=1.0))
+
+    def _train_step(self, data: TensorDict) -> dict[str, Any]:
+        lr_used = self._learning_rate()
+        data = self._dispatch_order(data)
+        entropy = self._old_logprobs(data)
+        tu.assign_non_tensor(
+            data,
+            mini_batch_size=self.mini_batch_size,
+            epochs=1,
+            psft_mini_batch_seqs=self.mini_batch_size,
+        )
+        output = self._result(self.training_client.train_mini_batch(data))
+        metrics = tu.get(output, "metrics") if output is not None else {}
+        stats = _stats_from_metrics(metrics)
+        nll = sum(_flatten(metrics.get("psft/nll_sum", [])))
+        record: dict[str, Any] = {
+            "loss": _mean(_flatten(metrics.get("loss", []))),
+            "nll": nll / max(stats.tokens, 1.0),
+            "entropy": entropy,
+            "grad_norm": _mean(_flatten(metrics.get("grad_norm", []))),
+            **stats.means(),
+            "learning_rate": lr_used,
+            "response_tokens": int(stats.tokens),
+        }
+        return record
+
+    def _validation_batches(self) -> Iterable[TensorDict]:
+        for batch in self.val_dataloader or []:
+            yield tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
+
+    def _validate(self) -> dict[str, float]:
+        """Held-out NLL and entropy, token means over response tokens (no update)."""
+        sums = torch.zeros(3, dtype=torch.float64)
+        for data in self._validation_batches():
+            tu.assign_non_tensor(data, compute_loss=False, calculate_entropy=True)
+            output = self._result(self.training_client.infer_batch(data))
+            mask = shifted_response_mask(data["loss_mask"])
+            logp = _padded(tu.get(output, "log_probs"))
+            entropy = _padded(tu.get(output, "entropy"))
+            sums += torch.stack([-(logp * mask).sum(), (entropy * mask).sum(), mask.sum()]).double()
+        sums = self._reduce(sums)
+        if sums[2] == 0:
+            return {}
+        return {"val_loss": float(sums[0] / sums[2]), "val_entropy": float(sums[1] / sums[2])}
+
+    tokens_before: int = 0
+    """Response tokens of the steps before a resumed run's first (its metrics' last record)."""
+
+    def _position_loader(self, step: int) -> None:
+        """Start the data where step `step` left it: the sampler skips the batches of the
+        epoch already trained, in a fresh loader. verl's restored loader state is not used:
+        saved at the end of an epoch, it would skip the whole next epoch."""
+        old = self.train_dataloader
+        self.train_sampler.skip_batches = step % self.steps_per_epoch
+        self.train_dataloader = type(old)(
+            dataset=self.train_dataset,
+            batch_size=old.batch_size,
+            sampler=self.train_sampler,
+            collate_fn=self.collate_fn,
+            num_workers=0,
+            pin_memory=False,
+            drop_last=True,
+        )
+        self.ckpt_handler.train_dataloader = self.train_dataloader
+
+    def fit(self) -> int:
+        """Train to the configured number of steps (as many epochs as that takes, like the
+        native engine); returns the last step."""
+        step = self.resume_global_step
+        save_freq = int(self.config.trainer.save_freq)
+        started = time.monotonic()
+        response_tokens = self.tokens_before if step else 0
+        self._position_loader(step)
+        if step == 0 and self.val_dataloader is not None:
+            # held-out NLL and entropy of the starting policy, logged as step 0 like the
+            # native engine: the point every training curve starts from
+            baseline = self._validate()
+            if baseline and self.on_step is not None and self.reports:
+                total = self.total_training_steps
+                self.on_step({"step": 0, "total_steps": total, "epoch": 0, **baseline})
+        for epoch in itertools.count(step // self.steps_per_epoch):
+            self.train_sampler.set_epoch(epoch)
+            for batch in self.train_dataloader:
+                step += 1
+                t0 = time.monotonic()
+                data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
+                tokens = int(sum(self._get_batch_seqlens(data)))
+                record = self._train_step(data)
+                response_tokens += record.pop("response_tokens")
+                seconds = time.monotonic() - t0
+                last = step >= self.total_training_steps
+                saving = last or (save_freq > 0 and step % save_freq == 0)
+                if saving and self.val_dataloader is not None:
+                    record.update(self._validate())
+                record.update(
+                    step=step,
+                    total_steps=self.total_training_steps,
+                    epoch=epoch + 1,
+                    tokens=response_tokens,
+                    tokens_per_second=tokens / max(seconds, 1e-9),
+                    step_seconds=seconds,
+                    elapsed_s=round(time.monotonic() - started, 3),
+                )
+                if self.on_step is not None and self.reports:
+                    self.on_step(record)
+                if saving:
+                    self._save(step)
+                if last:
+                    return step
+        return step  # unreachable: itertools.count never ends
+
+
+class PSFTTrainer(PSFTSteps, SFTTrainer):
+    """verl's SFTTrainer (SPMD, one process per GPU) with PSFT steps.
 
     `on_step(record)` receives each step's metrics with the names of the native engine
     (loss, entropy, clip_fraction, ratio_mean, ...); `on_checkpoint(step, path)` is called
@@ -254,6 +455,7 @@ class PSFTTrainer(SFTTrainer):
         self.on_step = on_step
         self.on_checkpoint = on_checkpoint
         super().__init__(config)
+        self.reports = self.rank == 0
 
     def _build_engine(self) -> None:
         super()._build_engine()
@@ -270,6 +472,7 @@ class PSFTTrainer(SFTTrainer):
             shuffle=bool(self.config.psft.shuffle),
             rank=self.engine.get_data_parallel_rank(),
             world=self.engine.get_data_parallel_size(),
+            **balance_options(self.config, self.train_dataset),
         )
         if self.val_dataset is not None:
             # every held-out row counts (verl's loader drops all but whole global batches)
@@ -297,132 +500,48 @@ class PSFTTrainer(SFTTrainer):
             drop_last=True,
         )
 
-    def _meta_info(self) -> dict[str, Any]:
-        return {
-            "use_remove_padding": self.config.model.use_remove_padding,
-            "use_dynamic_bsz": self.config.data.use_dynamic_bsz,
-            "max_token_len_per_gpu": self.config.data.max_token_len_per_gpu,
-            "micro_batch_size_per_gpu": self.config.data.micro_batch_size_per_gpu,
-            "temperature": 1.0,
-            "global_batch_size": self.global_batch_size,
-            "pad_mode": self.config.data.pad_mode,
-            "pad_token_id": self.model_config.tokenizer.pad_token_id,
-        }
-
-    def _old_logprobs(self, data: TensorDict) -> float:
-        """No-grad forward of the whole batch: stores old_log_probs, returns the entropy
-        (token mean over response tokens, all data-parallel ranks)."""
-        infer = data.clone()
-        tu.assign_non_tensor(infer, compute_loss=False, calculate_entropy=True)
-        output = self.training_client.infer_batch(infer)
-        log_probs = tu.get(output, "log_probs") if output is not None else None
-        if log_probs is None:
-            raise RuntimeError("verl returned no log-probs for the old-policy forward")
-        data["old_log_probs"] = log_probs.detach()
-        entropy = _padded(tu.get(output, "entropy"))
-        mask = shifted_response_mask(data["loss_mask"])
-        local = torch.stack([(entropy * mask).sum(), mask.sum()]).double()
-        group = self.engine.get_data_parallel_group()
-        if group is not None and self.engine.get_data_parallel_size() > 1:
-            torch.distributed.all_reduce(local, group=group)
-        return float(local[0] / local[1].clamp(min=1.0))
-
-    def _train_step(self, data: TensorDict) -> dict[str, Any]:
-        lr_used = float(self.engine.optimizer.param_groups[0]["lr"])
-        entropy = self._old_logprobs(data)
-        tu.assign_non_tensor(
-            data,
-            mini_batch_size=self.mini_batch_size,
-            epochs=1,
-            psft_mini_batch_seqs=self.mini_batch_size,
-        )
-        output = self.training_client.train_mini_batch(data)
-        metrics = tu.get(output, "metrics") if output is not None else {}
-        stats = _stats_from_metrics(metrics)
-        nll = sum(_flatten(metrics.get("psft/nll_sum", [])))
-        record: dict[str, Any] = {
-            "loss": _mean(_flatten(metrics.get("loss", []))),
-            "nll": nll / max(stats.tokens, 1.0),
-            "entropy": entropy,
-            "grad_norm": _mean(_flatten(metrics.get("grad_norm", []))),
-            **stats.means(),
-            "learning_rate": lr_used,
-            "response_tokens": int(stats.tokens),
-        }
-        return record
-
-    def _validate(self) -> dict[str, float]:
-        """Held-out NLL and entropy, token means over response tokens (no update)."""
-        sums = torch.zeros(3, dtype=torch.float64)
-        for batch in self.val_dataloader or []:
-            data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
-            tu.assign_non_tensor(data, compute_loss=False, calculate_entropy=True)
-            output = self.training_client.infer_batch(data)
-            mask = shifted_response_mask(data["loss_mask"])
-            logp = _padded(tu.get(output, "log_probs"))
-            entropy = _padded(tu.get(output, "entropy"))
-            sums += torch.stack([-(logp * mask).sum(), (entropy * mask).sum(), mask.sum()]).double()
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
         group = self.engine.get_data_parallel_group()
         if group is not None and self.engine.get_data_parallel_size() > 1:
             torch.distributed.all_reduce(sums, group=group)
-        if sums[2] == 0:
-            return {}
-        return {"val_loss": float(sums[0] / sums[2]), "val_entropy": float(sums[1] / sums[2])}
+        return sums
 
-    def fit(self) -> int:
-        """Train to the configured number of steps (as many epochs as that takes, like the
-        native engine); returns the last step."""
-        step = self.resume_global_step
-        save_freq = int(self.config.trainer.save_freq)
-        started = time.monotonic()
-        response_tokens = 0
-        for epoch in itertools.count(step // self.steps_per_epoch):
-            self.train_sampler.set_epoch(epoch)
-            for batch in self.train_dataloader:
-                step += 1
-                t0 = time.monotonic()
-                data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=self._meta_info())
-                record = self._train_step(data)
-                tokens = int(sum(self._get_batch_seqlens(data)))
-                response_tokens += record.pop("response_tokens")
-                seconds = time.monotonic() - t0
-                last = step >= self.total_training_steps
-                saving = last or (save_freq > 0 and step % save_freq == 0)
-                if saving and self.val_dataloader is not None:
-                    record.update(self._validate())
-                record.update(
-                    step=step,
-                    total_steps=self.total_training_steps,
-                    epoch=epoch + 1,
-                    tokens=response_tokens,
-                    tokens_per_second=tokens / max(seconds, 1e-9),
-                    step_seconds=seconds,
-                    elapsed_s=round(time.monotonic() - started, 3),
-                )
-                if self.on_step is not None and self.rank == 0:
-                    self.on_step(record)
-                if saving:
-                    self.ckpt_handler.save_checkpoint(step=step)
-                    if self.on_checkpoint is not None:
-                        self.on_checkpoint(step, self.config.trainer.default_local_dir)
-                if last:
-                    return step
-        return step  # unreachable: itertools.count never ends
+    def _learning_rate(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def _save(self, step: int) -> None:
+        self.ckpt_handler.save_checkpoint(step=step)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, self.config.trainer.default_local_dir)
 
 
 def export_hf_model(trainer: SFTTrainer, source_model: str, out_dir: str) -> None:
+    """`export_hf` of a one-node trainer's policy."""
+    export_hf(
+        trainer.engine.module,
+        rank=trainer.rank,
+        source_model=source_model,
+        trust=bool(trainer.config.model.trust_remote_code),
+        tokenizer=trainer.model_config.tokenizer,
+        out_dir=out_dir,
+    )
+
+
+def export_hf(
+    module: torch.nn.Module, *, rank: int, source_model: str, trust: bool, tokenizer, out_dir: str
+) -> None:
     """Gather the FSDP-sharded policy into one Hugging Face folder (safetensors) on rank 0,
-    in the dtype of the source model's config, with the tokenizer next to it."""
+    in the dtype of the source model's config, with the tokenizer next to it. A collective:
+    every rank calls it."""
     from pathlib import Path
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(trainer.engine.module, options=options)
-    if trainer.rank != 0:
+    state = get_model_state_dict(module, options=options)
+    if rank != 0:
         return
-    trust = bool(trainer.config.model.trust_remote_code)
     hf_config = AutoConfig.from_pretrained(source_model, trust_remote_code=trust)
     dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -435,7 +554,7 @@ def export_hf_model(trainer: SFTTrainer, source_model: str, out_dir: str) -> Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    trainer.model_config.tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     generation = Path(source_model) / "generation_config.json"
     if generation.exists() and not (out / "generation_config.json").exists():
         (out / "generation_config.json").write_text(generation.read_text())

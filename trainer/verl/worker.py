@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,8 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = dist.get_rank()
     telemetry = store = None
     if rank == 0:
-        from pathlib import Path
-
         from psft.trainer.storage import open_run_store
         from psft.trainer.telemetry import Telemetry
         from psft.workflows.stages import read_stage_config
@@ -71,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.push(args.checkpoints_key)
 
     def on_step(record: dict) -> None:
-        from psft.trainer.engine.progress import step_line
+        from psft.trainer.verl.launch import progress_line
 
         assert telemetry is not None
         telemetry.log(record)
-        print(step_line(record, None), flush=True)
+        print(progress_line(record), flush=True)
 
     try:
         trainer = PSFTTrainer(
@@ -84,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_checkpoint=publish_checkpoint,
         )
         if trainer.resume_global_step and telemetry is not None:
+            from psft.trainer.verl.launch import tokens_until
+
             telemetry.rewind(trainer.resume_global_step)
+            trainer.tokens_before = tokens_until(Path(args.metrics), trainer.resume_global_step)
         trainer.fit()
         export_hf_model(trainer, str(config.model.path), args.final_dir)
     finally:

@@ -1,0 +1,85 @@
+"""The pieces of the multi-node (Ray) path that need no cluster: the batch layout over
+data-parallel ranks, which checkpoint files a rank owns, the world-size rule and the
+wording of a lost worker. tests/multinode runs the whole path on a real Ray cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from psft.workflows.errors import UserError
+
+pytest.importorskip("verl")
+pytest.importorskip("ray")
+
+
+@pytest.mark.parametrize(("batch", "mini", "world"), [(8, 4, 2), (16, 8, 4), (12, 6, 3), (8, 8, 1)])
+def test_each_update_sees_the_rows_of_one_process(batch, mini, world):
+    from psft.trainer.verl.ray_trainer import dispatch_order
+
+    order = dispatch_order(batch, mini, world)
+    assert sorted(order) == list(range(batch))
+    chunk, per_rank = batch // world, mini // world
+    ranks = [order[r * chunk : (r + 1) * chunk] for r in range(world)]  # verl's split
+    for k in range(batch // mini):  # update k: the k-th mini-batch of every rank
+        rows = [row for rank in ranks for row in rank[k * per_rank : (k + 1) * per_rank]]
+        assert rows == list(range(k * mini, (k + 1) * mini))
+
+
+def test_checkpoint_files_by_rank(tmp_path):
+    from psft.trainer.verl import checkpoints as ckpt
+
+    folder = tmp_path / "global_step_4"
+    for name in (
+        "model_world_size_2_rank_0.pt",
+        "model_world_size_2_rank_1.pt",
+        "optim_world_size_2_rank_1.pt",
+        "fsdp_config.json",
+        "huggingface/config.json",
+        "data_0.pt",
+    ):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("x")
+    assert ckpt.files_of(folder, 0) == [
+        "fsdp_config.json",
+        "huggingface/config.json",
+        "model_world_size_2_rank_0.pt",
+    ]
+    assert ckpt.files_of(folder, 1) == [
+        "model_world_size_2_rank_1.pt",
+        "optim_world_size_2_rank_1.pt",
+    ]
+    assert ckpt.needed_by("huggingface/config.json", 1)
+    assert not ckpt.needed_by("model_world_size_2_rank_0.pt", 1)
+    assert ckpt.world_size_of(folder) == 2  # from the shard names (one-node checkpoints)
+    (folder / ckpt.METADATA).write_text(json.dumps(ckpt.metadata(4, 8, [])))
+    assert ckpt.world_size_of(folder) == 8  # the metadata wins
+
+
+def test_another_world_size_is_a_user_error_naming_the_field():
+    from psft.trainer.verl.checkpoints import check_world_size
+
+    check_world_size(16, 40, 16, 2, 8, "s3://b/run/train/verl/checkpoints/global_step_40")
+    with pytest.raises(UserError, match=r"^spec\.resources\.nodes: .* written by 32 ") as e:
+        check_world_size(32, 40, 16, 2, 8, "s3://b/run/train/verl/checkpoints/global_step_40")
+    assert "nodes x gpusPerNode = 32" in str(e.value) and "psft run --fresh" in str(e.value)
+    with pytest.raises(UserError, match=r"^spec\.resources\.gpusPerNode: "):
+        check_world_size(12, 40, 16, 2, 8, "somewhere")
+
+
+def test_a_lost_worker_is_worded_by_its_cause():
+    import ray
+
+    from psft.trainer.verl.ray_trainer import worker_failure
+
+    died = ray.exceptions.ActorDiedError()
+    assert worker_failure(died).startswith("a training worker died (its node was lost")
+    peer = ray.exceptions.RayTaskError(
+        "infer_batch",
+        "Traceback ...",
+        RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.2]:22183"),
+    )
+    assert worker_failure(peer).startswith(
+        "a training worker lost its peer (another worker or its node died): RuntimeError: "
+    )
