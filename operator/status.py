@@ -104,6 +104,14 @@ def _last_attempt_message(workflow: Obj | None, node: Obj) -> str:
     return node.get("message") or ""
 
 
+def _attempts(workflow: Obj | None, node: Obj) -> int | None:
+    """Pods run for a stage: a Retry node's attempts are its children (None otherwise)."""
+    if node.get("type") != "Retry":
+        return None
+    nodes = ((workflow or {}).get("status") or {}).get("nodes") or {}
+    return max(len([c for c in node.get("children") or [] if c in nodes]), 1)
+
+
 def _parameter(node: Obj, name: str) -> Any:
     for param in (node.get("outputs") or {}).get("parameters") or []:
         if param.get("name") == name and param.get("value"):
@@ -291,6 +299,8 @@ def desired_status(
                 entry[key] = node[key]
         if message := _last_attempt_message(workflow, node):
             entry["message"] = message
+        if attempts := _attempts(workflow, node):
+            entry["attempts"] = attempts
         stage_status[stage.name] = entry
         if node_phase == "Running" and current is None:
             current = stage.name

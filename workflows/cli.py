@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from psft.workflows.errors import UserError
 from psft.workflows.spec_file import SpecFileError
@@ -60,9 +62,7 @@ def _cmd_rayjob(args: argparse.Namespace) -> int:
     from psft.trainer import rayjob
     from psft.workflows.stages import read_stage_config
 
-    # schema only: the cross-field rules refuse resources.nodes > 1 until multi-node lands,
-    # and this supervisor of the multi-node step is kept (and tested) for then
-    rayjob.run(read_stage_config(args.config, rules=False))
+    rayjob.run(read_stage_config(args.config))
     return 0
 
 
@@ -179,6 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TERMINATION_LOG = "/dev/termination-log"
+"""Where Kubernetes reads a container's termination message (terminationMessagePath's
+default); Argo shows it as the step's message, and the operator copies that into the
+PSFTJob status. PSFT_TERMINATION_LOG overrides it (tests)."""
+TERMINATION_MESSAGE_MAX = 4096  # bytes the kubelet keeps
+
+
+def write_termination_message(message: str) -> None:
+    """The one-line error of a failed stage, for `kubectl get psft` and Argo's UI: written
+    only inside a container (the file exists there), never created elsewhere."""
+    path = Path(os.environ.get("PSFT_TERMINATION_LOG", TERMINATION_LOG))
+    if not path.is_file():
+        return
+    data = message.encode("utf-8", "replace")[:TERMINATION_MESSAGE_MAX]
+    try:
+        with path.open("wb") as f:
+            f.write(data)
+    except OSError:
+        pass  # the message is on stderr too; never mask the stage's own error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -187,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     except UserError as exc:
-        print(f"psft {args.command}: error: {exc}", file=sys.stderr)
+        message = f"psft {args.command}: error: {exc}"
+        print(message, file=sys.stderr)
+        write_termination_message(message)
         return 2
     except KeyboardInterrupt:
         return 130

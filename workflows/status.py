@@ -63,6 +63,9 @@ class StageStatus(StatusSection):
     """`step/total` as the stage reports it through $ARGO_PROGRESS_FILE."""
     message: str | None = None
     """Argo's message for the node (why it failed, for instance)."""
+    attempts: Annotated[int, Field(ge=1)] | None = None
+    """Pods Argo ran for the stage so far (above 1: retried after an infrastructure
+    failure, see spec.backoffLimit); shown once the stage has a Retry node."""
 
 
 class TrainingMetrics(StatusSection):

@@ -381,3 +381,15 @@ def test_without_compare_there_are_no_arm_metrics():
     wf = _workflow({"phase": "Running", "nodes": nodes(node(WF, "train", "Running", "1/9"))})
     status = _status(_body(), wf)
     assert "armMetrics" not in status and status["metrics"]["step"] == 1
+
+
+def test_a_retried_stage_shows_its_attempts():
+    first = {**node(WF, "train(0)", "Failed", message="pod deleted"), "displayName": "train(0)"}
+    second = {**node(WF, "train(1)", "Running", "3/10"), "displayName": "train(1)"}
+    retry = {**node(WF, "train", "Running", "3/10"), "type": "Retry",
+             "children": [first["id"], second["id"]]}  # fmt: skip
+    wf = _workflow({"phase": "Running", "nodes": nodes(node(WF, "prepare", "Succeeded"),
+                                                        retry, first, second)})  # fmt: skip
+    status = _status(_body(), wf)
+    assert status["stages"]["train"]["attempts"] == 2
+    assert "attempts" not in status["stages"]["prepare"]  # a plain pod: no Retry node

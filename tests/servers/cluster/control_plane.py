@@ -225,6 +225,8 @@ class ControlPlane:
                 "--profiling=false",
                 "--watch-cache=true",
                 "--event-ttl=30m",
+                # a real node (node.py) registers its bridge address, not a resolvable name
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
             ],
         )
         self._wait("kube-apiserver", lambda: self.request("/readyz")[0] == 200, timeout=180)
@@ -238,7 +240,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={kcm_config}",
                 f"--authorization-kubeconfig={kcm_config}",
                 "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,"
-                "clusterrole-aggregation,podgc,nodelifecycle",
+                "clusterrole-aggregation,podgc,nodelifecycle,root-ca-cert-publisher",
                 f"--service-account-private-key-file={self.pki['sa_key']}",
                 f"--root-ca-file={self.pki['ca']}",
                 "--leader-elect=false",
