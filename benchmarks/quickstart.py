@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", default=str(REPO / "examples" / "quickstart.yaml"))
     parser.add_argument("--target", type=float, default=300.0, help="seconds; 0: none")
+    parser.add_argument("--keep", help="copy the run folder here (report, metrics) at the end")
     args = parser.parse_args()
 
     job = yaml.safe_load(Path(args.spec).read_text())
@@ -62,6 +64,14 @@ def main() -> None:
                 f"{metrics.parent.name}: {len(clip)} steps, clip fraction > 1% on {active} "
                 f"({active / max(len(clip), 1):.0%}), mean {mean:.3f}"
             )
+        if args.keep:
+            shutil.copytree(
+                run,
+                Path(args.keep) / run.name,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("checkpoints", "final", "*.safetensors"),
+            )
+            print(f"run folder copied to {Path(args.keep) / run.name}")
         if args.target:
             verdict = "within" if total <= args.target else "OVER"
             print(f"target {args.target:.0f} s: {verdict} ({total / args.target:.2f} of it)")
