@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ LOCK_FILE = "/tmp/.psft-real-node.lock"
 # kubelet tunes these on start (protectKernelDefaults: false); stop() puts them back
 KERNEL_TUNABLES = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 TESTS = Path(__file__).resolve().parents[2]
+IMPORT_MARGIN = 2 * 10**9  # pods' writable layers, checkpoints, logs
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -229,6 +231,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         The layout folder goes to ctr as a tar stream on its stdin (`import -`): no archive
         file is written."""
         started = time.monotonic()
+        self._check_room_for(image)
         tar = subprocess.Popen(
             ["tar", "-C", str(image.layout), "-cf", "-", "oci-layout", "index.json", "blobs"],
             stdout=subprocess.PIPE,
@@ -257,6 +260,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         if image.containerd_ref not in listed:
             raise ClusterError(f"{image.containerd_ref} not in containerd after import: {listed}")
         return time.monotonic() - started
+
+    def _check_room_for(self, image: Image) -> None:
+        """containerd keeps an imported layer twice (the blob in its content store and the
+        unpacked snapshot): refuse early, naming the folder, rather than fill the disk
+        under every other test of the run."""
+        size = sum(p.stat().st_size for p in image.layout.rglob("*") if p.is_file())
+        need = 2 * size + IMPORT_MARGIN
+        free = shutil.disk_usage(self.folder).free
+        if free < need:
+            raise ClusterError(
+                f"not enough disk to import {image.ref} under {self.folder}: it needs about "
+                f"{need / 1e9:.1f} GB (content store + unpacked layers), {free / 1e9:.1f} GB "
+                "are free; free some (old /tmp/pytest-of-* folders) or point --basetemp "
+                "at a larger disk"
+            )
 
     def _cgroup_root(self) -> None:
         """`/psft-node` in every cgroup v1 controller (this machine), or in the cgroup v2
@@ -384,8 +402,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             proc.stop()
         self.processes.clear()
         self._kill_shims()
-        self._unmount()
+        mounted = self._unmount()
         self._remove_cgroups()
+        if not mounted:
+            self._remove_stores()
         self._remove_network()
         for tunable, value in self._sysctls.items():
             with suppress(OSError):
@@ -432,18 +452,31 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 if "containerd-shim" in cmdline and marker in cmdline:
                     os.kill(int(proc.name), signal.SIGKILL)
 
-    def _unmount(self) -> None:
+    def _mounts(self) -> list[str]:
         prefix = str(self.folder) + "/"
+        mounts = [
+            line.split()[1].replace("\\040", " ")
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+        ]
+        return sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
+
+    def _unmount(self) -> list[str]:
+        """Unmount what the node mounted under its folder: what is still mounted after."""
         for _ in range(3):
-            mounts = [
-                line.split()[1].replace("\\040", " ")
-                for line in Path("/proc/self/mounts").read_text().splitlines()
-            ]
-            ours = sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
+            ours = self._mounts()
             if not ours:
-                return
+                return []
             for mount in ours:
                 subprocess.run(["umount", "-l", mount], capture_output=True)
+        return self._mounts()
+
+    def _remove_stores(self) -> None:
+        """containerd's content and snapshots (the imported images, twice their size: over
+        11 GB with the trainer image) and the kubelet's pod volumes. Only once nothing is
+        mounted under the folder, so a removal never reaches through a mount; the logs
+        (containerd, kubelet, pods) stay for the test's diagnosis."""
+        for store in (self.folder / "containerd" / "root", self.folder / "kubelet" / "root"):
+            shutil.rmtree(store, ignore_errors=True)
 
     def _remove_cgroups(self) -> None:
         for root in self._cgroups:
