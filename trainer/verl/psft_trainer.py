@@ -228,12 +228,23 @@ class EpochOrderSampler(torch.utils.data.Sampler[int]):
             yield from batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
 
-def balance_options(config: Any, dataset: PreTokenizedDataset) -> dict[str, Any]:
-    """EpochOrderSampler's balancing arguments from the verl config (psft.balanceBatch)."""
-    if not config.psft.get("balance_batch", False):
-        return {}
-    updates = int(config.data.train_batch_size) // int(config.psft.mini_batch_size)
-    return {"lengths": [len(ids) for ids in dataset.input_ids], "updates_per_step": updates}
+def epoch_order_sampler(
+    config: Any, dataset: PreTokenizedDataset, batch_size: int, *, rank: int, world: int
+) -> EpochOrderSampler:
+    """The native engine's order (seed, shuffle, psft.balanceBatch) from the verl config."""
+    balance: dict[str, Any] = {}
+    if config.psft.get("balance_batch", False):
+        updates = int(config.data.train_batch_size) // int(config.psft.mini_batch_size)
+        balance = {"lengths": [len(ids) for ids in dataset.input_ids], "updates_per_step": updates}
+    return EpochOrderSampler(
+        len(dataset),
+        batch_size=batch_size,
+        seed=int(config.trainer.seed),
+        shuffle=bool(config.psft.shuffle),
+        rank=rank,
+        world=world,
+        **balance,
+    )
 
 
 def _flatten(values: Any) -> list[float]:
@@ -465,14 +476,12 @@ class PSFTTrainer(PSFTSteps, SFTTrainer):
     def _build_dataloader(self) -> None:
         super()._build_dataloader()
         # verl always shuffles with its own seed; use the native engine's order instead
-        self.train_sampler = EpochOrderSampler(
-            len(self.train_dataset),
-            batch_size=self.global_batch_size,
-            seed=int(self.config.trainer.seed),
-            shuffle=bool(self.config.psft.shuffle),
+        self.train_sampler = epoch_order_sampler(
+            self.config,
+            self.train_dataset,
+            self.global_batch_size,
             rank=self.engine.get_data_parallel_rank(),
             world=self.engine.get_data_parallel_size(),
-            **balance_options(self.config, self.train_dataset),
         )
         if self.val_dataset is not None:
             # every held-out row counts (verl's loader drops all but whole global batches)

@@ -41,11 +41,10 @@ from verl.workers.engine_workers import TrainingWorker
 
 from psft.trainer.verl import checkpoints as ckpt
 from psft.trainer.verl.psft_trainer import (
-    EpochOrderSampler,
     LossSettings,
     PSFTSteps,
     StepCallback,
-    balance_options,
+    epoch_order_sampler,
     export_hf,
     psft_engine_loss,
 )
@@ -290,14 +289,8 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
 
         super()._build_dataloader()
         # the driver loads whole global batches, in the native engine's order
-        self.train_sampler = EpochOrderSampler(
-            len(self.train_dataset),
-            batch_size=self.global_batch_size,
-            seed=int(self.config.trainer.seed),
-            shuffle=bool(self.config.psft.shuffle),
-            rank=0,
-            world=1,
-            **balance_options(self.config, self.train_dataset),
+        self.train_sampler = epoch_order_sampler(
+            self.config, self.train_dataset, self.global_batch_size, rank=0, world=1
         )
         self.train_dataloader = StatefulDataLoader(
             dataset=self.train_dataset,
