@@ -14,16 +14,8 @@ from psft.workflows.stages import StageConfig
 
 
 def select_engine(config: StageConfig) -> str:
-    """`native` or `verl`, from psft.engine (auto: verl when asking for several GPUs or
-    several nodes: only verl runs on a Ray cluster)."""
-    spec = config.job.spec
-    engine = spec.psft.engine
-    if engine == "auto" and spec.resources.nodes > 1:
-        return "verl"
-    if engine == "auto":
-        many = spec.resources.gpus_per_node * spec.resources.nodes > 1
-        engine = "verl" if many and spec.resources.device != "cpu" else "native"
-    return engine
+    """`native` or `verl`: psft.engine resolved (see PSFTJobSpec.engine)."""
+    return config.job.spec.engine
 
 
 def run(config: StageConfig) -> None:

@@ -40,9 +40,9 @@ CONTEXT_MAX = 16_777_216
 ROWS_MAX = 1_000_000_000
 """Row and problem counts (limits and caps)."""
 SAMPLES_MAX = 1024
+"""Samples per problem (eval k, GRPO group size): each is a full generation."""
 BENCHMARKS_MAX = 64
 """Benchmarks named in eval.samplesPerBenchmark (the registry has 8; custom files add more)."""
-"""Samples per problem (eval k, GRPO group size): each is a full generation."""
 GPUS_MAX = 64
 """GPUs of one node (or of one vLLM engine); today's largest nodes have 8 or 16."""
 NODES_MAX = 4096
@@ -467,6 +467,18 @@ class PSFTJobSpec(Section):
     before Argo stops it and the job fails. Each stage pod and a multi-node RayJob get the
     same limit. Unset: no limit. `psft run` ignores it."""
     ttl_seconds_after_finished: TTLSpec = Field(default_factory=TTLSpec)
+
+    @property
+    def engine(self) -> Literal["native", "verl"]:
+        """psft.engine resolved: `auto` is verl when asking for several GPUs (not on CPU) or
+        several nodes (only verl runs on a Ray cluster), else native."""
+        if self.psft.engine != "auto":
+            return self.psft.engine
+        res = self.resources
+        if res.nodes > 1:
+            return "verl"
+        many = res.gpus_per_node > 1 and res.device != "cpu"
+        return "verl" if many else "native"
 
 
 class PSFTJob(Section):

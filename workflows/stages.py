@@ -47,6 +47,14 @@ class StageConfig(BaseModel):
             return spec
         return spec.model_copy(update={"objective": self.objective})
 
+    def trained_job(self) -> PSFTJob:
+        """The job as this stage trains it: job.spec.psft replaced by psft_spec()."""
+        psft = self.psft_spec()
+        if psft is self.job.spec.psft:
+            return self.job
+        spec = self.job.spec.model_copy(update={"psft": psft})
+        return self.job.model_copy(update={"spec": spec})
+
     def dump(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True, indent=2)
 

@@ -302,11 +302,14 @@ def _compare(job: PSFTJob) -> Iterable[FieldError]:
             "compares a PSFT arm with an SFT arm, so psft.objective must be 'psft' "
             f"(it is '{spec.psft.objective}'): set psft.objective: psft",
         )
-    if spec.psft.engine == "verl" or spec.resources.nodes > 1:
+    if spec.engine != "native":
         yield FieldError(
             "spec.compare.enabled",
-            "runs its arms on the native engine (one node); set psft.engine: native and "
-            "resources.nodes: 1, or run the SFT baseline as a second PSFTJob",
+            "runs its arms on the native engine (one node); psft.engine resolves to "
+            f"'{spec.engine}' (psft.engine '{spec.psft.engine}', resources.nodes "
+            f"{spec.resources.nodes}, gpusPerNode {spec.resources.gpus_per_node}): set "
+            "psft.engine: native and resources.nodes: 1, or run the SFT baseline as a second "
+            "PSFTJob",
         )
 
 

@@ -95,8 +95,32 @@ def test_compare_needs_the_psft_objective_and_the_native_engine() -> None:
     for sections, fix in [
         ({"psft": {"objective": "sft"}}, "set psft.objective: psft"),
         ({"psft": {"engine": "verl"}}, "psft.engine: native"),
+        # engine auto with several GPUs resolves to verl, which would train both arms alike
+        ({"resources": {"gpusPerNode": 2, "device": "cuda"}}, "resolves to 'verl'"),
     ]:
         with pytest.raises(InvalidJob) as info:
             validate_job(with_spec(compare={"enabled": True}, **sections))
         assert [e.path for e in info.value.errors] == ["spec.compare.enabled"]
         assert fix in info.value.errors[0].message
+
+
+def test_the_sft_arm_trains_the_sft_objective_on_either_engine() -> None:
+    from psft.trainer.verl.config import VerlInputs, verl_settings
+
+    job = validate_job(with_spec(compare={"enabled": True}))
+    arm = StageConfig(stage="train-sft", kind="train", job=job, run_root="r", objective="sft")
+    assert arm.trained_job().spec.psft.objective == "sft"
+    assert arm.trained_job().spec.psft.model_copy(update={"objective": "psft"}) == job.spec.psft
+    assert job.spec.psft.objective == "psft"  # the job itself is unchanged
+    main = StageConfig(stage="train", kind="train", job=job, run_root="r")
+    assert main.trained_job() is job
+    inputs = VerlInputs(
+        model_path="/m",
+        train_files=["/t.parquet"],
+        val_files=[],
+        checkpoint_dir="/c",
+        device="cpu",
+        nproc_per_node=1,
+    )
+    by_key = {s.key: s.value for s in verl_settings(arm.trained_job(), inputs)}
+    assert by_key["psft.objective"] == "sft"

@@ -130,7 +130,7 @@ def run(config: StageConfig, *, on_ray: bool | None = None) -> None:
         device=device,
         nproc_per_node=nproc,
     )
-    verl_config = build_config(config.job, inputs)
+    verl_config = build_config(config.trained_job(), inputs)
     config_path = work / "verl.yaml"
     save_config(verl_config, config_path)
     stage_json = work / "stage.json"
@@ -321,7 +321,7 @@ def write_summary(
     summary = {
         "stage": stage,
         "engine": "verl",
-        "objective": config.job.spec.psft.objective,
+        "objective": config.psft_spec().objective,
         "model": config.job.spec.model.source,
         "device": device,
         "processes": nproc,
