@@ -288,6 +288,7 @@ def desired_status(
     eval_results: dict[str, Any] = {}
     previous_arms = previous.get("armMetrics") if same_run else None
     arm_metrics: dict[str, Any] = dict(previous_arms or {})
+    main_scores: list[float] = []
     for stage in stages:
         node = nodes.get(stage.name)
         if node is None:
@@ -319,7 +320,14 @@ def desired_status(
             if found and stage.objective is None:  # the main arm (and grpo)
                 metrics = found
         if stage.kind == "eval":
-            eval_results.update(_eval_results(stage.name, _parameter(node, EVAL_PARAMETER)))
+            results = _eval_results(stage.name, _parameter(node, EVAL_PARAMETER))
+            eval_results.update(results)
+            if stage.objective is None:  # the job's own arm; the SFT baseline is not its best
+                main_scores += [
+                    r["avgAtK"]
+                    for r in results.values()
+                    if isinstance(r.get("avgAtK"), float | int)
+                ]
 
     ran = [
         s.name
@@ -340,11 +348,8 @@ def desired_status(
         status["armMetrics"] = arm_metrics
     if eval_results:
         status["evalResults"] = eval_results
-        scores = [
-            r["avgAtK"] for r in eval_results.values() if isinstance(r.get("avgAtK"), float | int)
-        ]
-        if scores:
-            status["bestAvgAtK"] = max(scores)
+        if main_scores:
+            status["bestAvgAtK"] = max(main_scores)
 
     running = {s.kind for s in stages if stage_status.get(s.name, {}).get("phase") == "Running"}
     for kind, ctype in _STAGE_CONDITIONS.items():
@@ -354,7 +359,9 @@ def desired_status(
         if kind in running:
             conditions.append(cond(ctype, "True", "StageRunning", f"{kind} stage running"))
         else:
-            final = entries[-1]["phase"]
+            # a failed arm (train-sft beside train) is what the condition reports
+            phases = [e["phase"] for e in entries]
+            final = next((p for p in phases if p in ("Failed", "Error")), phases[-1])
             reason = _STAGE_REASONS.get(final, "StageFailed")
             conditions.append(cond(ctype, "False", reason, f"{kind} stage {final.lower()}"))
 

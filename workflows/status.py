@@ -146,6 +146,7 @@ class PSFTJobStatus(StatusSection):
     eval_results: dict[str, BenchmarkResult] = Field(default_factory=dict)
     """Evaluation results keyed by `<eval stage>/<benchmark>`, e.g. `eval/aime24`."""
     best_avg_at_k: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    """Highest Avg@k among evalResults (the printer column `Best Avg@k`)."""
+    """Highest Avg@k among evalResults of the job's own arm (with spec.compare, the SFT
+    baseline's eval-sft results are not counted; the printer column `Best Avg@k`)."""
     artifacts: dict[str, str] = Field(default_factory=dict)
     """URIs of the run's outputs: runRoot, finalModel, report, ..."""

@@ -377,6 +377,28 @@ def test_compare_shows_both_arms_metrics_and_eval_results():
     assert later["armMetrics"]["psft"]["entropy"] == 0.9
 
 
+def test_compare_best_avg_is_the_psft_arms_and_a_failed_arm_shows_in_training():
+    body = _body(compare={"enabled": True})
+    rows = lambda score: [{"benchmark": "math", "checkpoint": "final", "avg_at_k": score}]  # noqa: E731
+    wf = _workflow(
+        {
+            "phase": "Running",
+            "nodes": nodes(
+                node(WF, "train", "Succeeded"),
+                node(WF, "train-sft", "Failed", message="exit code 2"),
+                node(WF, "eval", "Succeeded", outputs=_outputs("eval-results", rows(0.25))),
+                node(WF, "eval-sft", "Succeeded", outputs=_outputs("eval-results", rows(0.5))),
+            ),
+        }
+    )  # fmt: skip
+    status = _status(body, wf)
+    assert status["evalResults"]["eval-sft/math"]["avgAtK"] == 0.5
+    assert status["bestAvgAtK"] == 0.25  # the SFT baseline's score is not the job's best
+    training = [c for c in status["conditions"] if c["type"] == "Training"]
+    assert training and training[0]["status"] == "False"
+    assert "failed" in training[0]["message"], training
+
+
 def test_without_compare_there_are_no_arm_metrics():
     wf = _workflow({"phase": "Running", "nodes": nodes(node(WF, "train", "Running", "1/9"))})
     status = _status(_body(), wf)
