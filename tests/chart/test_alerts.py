@@ -27,6 +27,12 @@ SERIES = [
         "series": 'psft_train_entropy{namespace="ml", job="collapsing", stage="train", pod="p1"}',
         "values": "1 1 1 0.9 0.5 0.15x40",
     },
+    # the same job's SFT baseline arm (spec.compare) collapses too: expected, no alert
+    {
+        "series": 'psft_train_entropy{namespace="ml", job="collapsing", stage="train-sft", '
+        'pod="p5"}',
+        "values": "1 1 0.5 0.1x42",
+    },
     # job "healthy": entropy stays at 0.9 of its start
     {
         "series": 'psft_train_entropy{namespace="ml", job="healthy", stage="train", pod="p2"}',
