@@ -129,3 +129,32 @@ def test_the_verl_engines_sampler_yields_the_native_engines_order() -> None:
     sampler.set_epoch(1)
     native = [i for step in range(4, 8) for i in step_indices(lengths, step, s, shuffle=True)]
     assert list(sampler) == native
+
+
+def test_each_rank_updates_on_its_slice_of_the_same_mini_batches() -> None:
+    """verl gives rank r a contiguous share of the batch and cuts it into mini/world-row
+    updates: with 2 ranks, update k of both ranks together is the one-process k-th
+    mini-batch (balanced or not)."""
+    pytest.importorskip("verl")
+    from psft.trainer.verl.psft_trainer import EpochOrderSampler
+
+    rng = random.Random(5)
+    lengths = [rng.randint(20, 900) for _ in range(40)]
+    batch, updates, world = 8, 2, 2
+    for balanced in (None, lengths):
+        common = dict(batch_size=batch, seed=3, shuffle=True, lengths=balanced)
+        one = list(EpochOrderSampler(40, rank=0, world=1, updates_per_step=updates, **common))
+        ranks = [
+            list(EpochOrderSampler(40, rank=r, world=world, updates_per_step=updates, **common))
+            for r in range(world)
+        ]
+        per_update = batch // updates // world
+        for step in range(40 // batch):
+            for k in range(updates):
+                got = [
+                    row
+                    for rows in ranks
+                    for row in rows[step * batch // world :][k * per_update : (k + 1) * per_update]
+                ]
+                want = one[step * batch + k * batch // updates :][: batch // updates]
+                assert got == want, (balanced is not None, step, k)

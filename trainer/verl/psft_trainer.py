@@ -182,10 +182,28 @@ class PreTokenizedDataset(torch.utils.data.Dataset):
         }
 
 
+def dispatch_order(batch: int, mini: int, world: int) -> list[int]:
+    """Row order of a global batch for `world` data-parallel ranks.
+
+    verl cuts the batch into `world` consecutive chunks (rank r gets chunk r) and each
+    rank then takes consecutive mini-batches of mini/world rows. Rank r's k-th mini-batch
+    must be rows [k*mini + r*mini/world, k*mini + (r+1)*mini/world) of the one-process
+    run, so that the k-th update sees the same rows."""
+    per_rank = mini // world
+    return [
+        k * mini + r * per_rank + i
+        for r in range(world)
+        for k in range(batch // mini)
+        for i in range(per_rank)
+    ]
+
+
 class EpochOrderSampler(torch.utils.data.Sampler[int]):
     """The native engine's row order (psft.trainer.engine.loop.epoch_order, each batch
     cut into token-balanced mini-batches when `lengths` are given: psft.balanceBatch),
-    split across data-parallel ranks batch by batch, so both engines see the same batches."""
+    split across data-parallel ranks batch by batch (`dispatch_order`: rank r's k-th
+    mini-batch is its slice of the one-process run's k-th), so both engines, and any number
+    of ranks, update on the same rows."""
 
     def __init__(
         self,
@@ -200,6 +218,7 @@ class EpochOrderSampler(torch.utils.data.Sampler[int]):
         updates_per_step: int = 1,
     ):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.mini_batch_size = batch_size // updates_per_step
         self.rank, self.world, self.epoch = rank, world, 0
         self.lengths, self.updates_per_step = lengths, updates_per_step
         self.skip_batches = 0
@@ -225,6 +244,10 @@ class EpochOrderSampler(torch.utils.data.Sampler[int]):
 
                 sizes = [self.lengths[i] for i in batch]
                 batch = [batch[i] for i in balanced_order(sizes, self.updates_per_step)]
+            if self.world > 1:
+                batch = [
+                    batch[i] for i in dispatch_order(len(batch), self.mini_batch_size, self.world)
+                ]
             yield from batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
 
@@ -232,10 +255,10 @@ def epoch_order_sampler(
     config: Any, dataset: PreTokenizedDataset, batch_size: int, *, rank: int, world: int
 ) -> EpochOrderSampler:
     """The native engine's order (seed, shuffle, psft.balanceBatch) from the verl config."""
-    balance: dict[str, Any] = {}
+    updates = int(config.data.train_batch_size) // int(config.psft.mini_batch_size)
+    lengths = None
     if config.psft.get("balance_batch", False):
-        updates = int(config.data.train_batch_size) // int(config.psft.mini_batch_size)
-        balance = {"lengths": [len(ids) for ids in dataset.input_ids], "updates_per_step": updates}
+        lengths = [len(ids) for ids in dataset.input_ids]
     return EpochOrderSampler(
         len(dataset),
         batch_size=batch_size,
@@ -243,7 +266,8 @@ def epoch_order_sampler(
         shuffle=bool(config.psft.shuffle),
         rank=rank,
         world=world,
-        **balance,
+        lengths=lengths,
+        updates_per_step=updates,
     )
 
 

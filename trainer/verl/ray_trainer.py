@@ -44,6 +44,7 @@ from psft.trainer.verl.psft_trainer import (
     LossSettings,
     PSFTSteps,
     StepCallback,
+    dispatch_order,
     epoch_order_sampler,
     export_hf,
     psft_engine_loss,
@@ -53,22 +54,6 @@ from psft.workflows.errors import UserError
 
 class WorkerLost(UserError):
     """A training worker (or its node) died, or a worker call failed."""
-
-
-def dispatch_order(batch: int, mini: int, world: int) -> list[int]:
-    """Row order of a global batch for `world` data-parallel ranks.
-
-    verl cuts the batch into `world` consecutive chunks (rank r gets chunk r) and each
-    rank then takes consecutive mini-batches of mini/world rows. Rank r's k-th mini-batch
-    must be rows [k*mini + r*mini/world, k*mini + (r+1)*mini/world) of the one-process
-    run, so that the k-th update sees the same rows."""
-    per_rank = mini // world
-    return [
-        k * mini + r * per_rank + i
-        for r in range(world)
-        for k in range(batch // mini)
-        for i in range(per_rank)
-    ]
 
 
 LOST_GRACE_S = 10.0
