@@ -225,7 +225,8 @@ class Telemetry:
 
     def rewind(self, step: int) -> None:
         """Drop records after `step` (a stage resuming from checkpoint `step` repeats the
-        steps after it; their first attempt would otherwise appear twice)."""
+        steps after it; their first attempt would otherwise appear twice). From step 0 the
+        earlier attempt's step-0 baseline goes too: the new attempt measures it again."""
         if not self.jsonl_path.is_file():
             if step > 0:
                 log.warning(
@@ -258,7 +259,7 @@ class Telemetry:
                     f"wrote; {fix}"
                 )
             rec_step = record.get("step")
-            if not isinstance(rec_step, int) or rec_step <= step:
+            if not isinstance(rec_step, int) or rec_step < step or rec_step == step > 0:
                 kept.append(line)
                 if isinstance(rec_step, int):
                     seen.add(rec_step)

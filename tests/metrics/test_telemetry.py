@@ -104,6 +104,24 @@ def test_rewind_drops_steps_after_the_resumed_checkpoint(config, tmp_path: Path)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_rewind_to_zero_drops_the_earlier_attempts_baseline_too(config, tmp_path: Path) -> None:
+    """A stage retried before its first checkpoint starts over: its step-0 baseline and
+    steps are measured again, so the first attempt's go (a resume from step 3 keeps both)."""
+    path = tmp_path / "m.jsonl"
+    with Telemetry(config, path, publish=False) as tm:
+        tm.log({"step": 0, "val_loss": 1.5})
+        for rec in records(2):
+            tm.log(rec)
+    with Telemetry(config, path, publish=False) as tm:
+        tm.rewind(0)
+        tm.log({"step": 0, "val_loss": 1.5})
+        tm.log(records(1)[0])
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]
+    with Telemetry(config, path, publish=False) as tm:
+        tm.rewind(1)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]
+
+
 def test_non_finite_values_stay_in_jsonl_only(config, tmp_path: Path) -> None:
     with Telemetry(config, tmp_path / "m.jsonl", publish=False) as tm:
         tm.log({"step": 1, "loss": float("nan"), "entropy": 1.5})

@@ -265,8 +265,8 @@ def run_on_ray(
                 on_step=on_step,
                 worker_env=worker_env(device),
             )
+            telemetry.rewind(trainer.resume_global_step)  # from 0 too: a retried attempt
             if trainer.resume_global_step:
-                telemetry.rewind(trainer.resume_global_step)
                 trainer.tokens_before = tokens_until(metrics, trainer.resume_global_step)
                 print(f"resumed from the checkpoint of step {trainer.resume_global_step}")
             trainer.fit()

@@ -82,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_step=on_step if telemetry else None,
             on_checkpoint=publish_checkpoint,
         )
+        if telemetry is not None:  # from 0 too: a retried attempt logged steps already
+            telemetry.rewind(trainer.resume_global_step)
         if trainer.resume_global_step and telemetry is not None:
             from psft.trainer.verl.launch import tokens_until
 
-            telemetry.rewind(trainer.resume_global_step)
             trainer.tokens_before = tokens_until(Path(args.metrics), trainer.resume_global_step)
         trainer.fit()
         export_hf_model(trainer, str(config.model.path), args.final_dir)
