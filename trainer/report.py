@@ -202,9 +202,12 @@ def plot_eval(rows: list[dict[str, Any]], out: Path) -> Path | None:
     arms = list(dict.fromkeys(str(r.get("arm", "")) for r in rows))
     several = len(arms) > 1
 
+    ks = list(dict.fromkeys(r.get("k", "k") for r in rows))
+
     def label(r: dict[str, Any]) -> str:
         arm = f"{r.get('arm', '')} " if several else ""
-        return f"{r['benchmark']}\n{arm}{r.get('checkpoint', '')}".strip()
+        k = f" @{r.get('k', 'k')}" if len(ks) > 1 else ""  # eval.samplesPerBenchmark
+        return f"{r['benchmark']}{k}\n{arm}{r.get('checkpoint', '')}".strip()
 
     labels = [label(r) for r in rows]
     values = [100 * float(r.get("avg_at_k", 0.0)) for r in rows]
@@ -213,8 +216,8 @@ def plot_eval(rows: list[dict[str, Any]], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
     bars = ax.bar(labels, values, color=colors)
     ax.bar_label(bars, fmt="%.1f")
-    k = rows[0].get("k", "k")
-    ax.set(title=f"Avg@{k} (%)", ylim=(0, max(100.0, *values)))
+    title = f"Avg@{ks[0]} (%)" if len(ks) == 1 else "Avg@k (%), k per bar"
+    ax.set(title=title, ylim=(0, max(100.0, *values)))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -311,16 +314,24 @@ def compare_arms(summary: dict[str, Any], arms: dict[str, str]) -> dict[str, dic
             "val_entropy_last": info.get("val_entropy", {}).get("last"),
             "grad_norm_last": final.get("grad_norm"),
         }
+        # per benchmark the final checkpoint's score, else the last evaluated one's
+        # (eval.checkpoints: best or all evaluate step-N folders)
+        picked: dict[str, dict[str, Any]] = {}
         for row in summary["eval"]:
-            if row.get("arm") == arm and row.get("checkpoint") == "final":
-                figures[f"avg_at_k/{row['benchmark']}"] = row.get("avg_at_k")
+            bench = row.get("benchmark")
+            if row.get("arm") != arm or not bench:
+                continue
+            if bench not in picked or picked[bench].get("checkpoint") != "final":
+                picked[bench] = row
+        for bench, row in picked.items():
+            figures[f"avg_at_k/{bench}"] = row.get("avg_at_k")
         out[arm] = figures
     return out
 
 
 def comparison_table(comparison: dict[str, dict[str, Any]]) -> list[str]:
     arms = list(comparison)
-    keys = [k for k in next(iter(comparison.values())) if k != "stage"]
+    keys = [k for k in dict.fromkeys(k for f in comparison.values() for k in f) if k != "stage"]
     lines = ["## PSFT vs SFT (spec.compare)", "", "| | " + " | ".join(arms) + " |"]
     lines.append("|---|" + "---|" * len(arms))
     for key in keys:

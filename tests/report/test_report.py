@@ -90,3 +90,22 @@ def test_comparison_puts_the_arms_side_by_side() -> None:
                             "training": training, "eval": evals, "comparison": table})  # fmt: skip
     assert "| entropy_last | 1.2000 | 1.1000 |" in text
     assert "| steps | 3 | 2 |" in text
+
+
+def test_comparison_without_a_final_eval_uses_the_evaluated_checkpoint() -> None:
+    """eval.checkpoints: best evaluates a step-N folder only; an arm missing a benchmark
+    still gets its row (the union of both arms' keys)."""
+    training = {
+        "train": {"arm": "psft", **summarize_training(RECORDS)},
+        "train-sft": {"arm": "sft", **summarize_training(RECORDS[:2])},
+    }
+    evals = [
+        row("psft", "step-2", "aime24", 0.3),
+        row("sft", "step-1", "aime24", 0.2), row("sft", "step-1", "math500", 0.6),
+    ]  # fmt: skip
+    table = compare_arms({"training": training, "eval": evals}, {"train": "psft",
+                                                                 "train-sft": "sft"})  # fmt: skip
+    assert table["psft"]["avg_at_k/aime24"] == 0.3 and table["sft"]["avg_at_k/aime24"] == 0.2
+    text = markdown_report({"job": "j", "objective": "psft", "model": "m",
+                            "training": training, "eval": evals, "comparison": table})  # fmt: skip
+    assert "| avg_at_k/math500 | " in text
