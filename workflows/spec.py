@@ -214,10 +214,11 @@ class PSFTSpec(Section):
     micro_batch_size: Annotated[int, Field(gt=0, le=BATCH_MAX)] = 2
     """Demonstrations per forward pass (gradient accumulation within a mini-batch)."""
     max_tokens_per_micro_batch: Annotated[int, Field(gt=0, le=TOKENS_MAX)] | None = None
-    """Token-budget micro-batches (verl's dynamic batch size): each forward takes
-    consecutive demonstrations of its mini-batch up to this many tokens (prompt + response)
-    instead of microBatchSize demonstrations. Must be at least maxPromptLength +
-    maxResponseLength (the seed: 38912 = 2048 + 36864 per GPU)."""
+    """Token-budget micro-batches (verl's dynamic batch size): each forward takes up to
+    this many tokens (prompt + response) of its mini-batch instead of microBatchSize
+    demonstrations; the native engine fills them with consecutive demonstrations, verl
+    (data.use_dynamic_bsz) with its own balanced partition. Must be at least
+    maxPromptLength + maxResponseLength (the seed: 38912 = 2048 + 36864 per GPU)."""
     balance_batch: bool = True
     """Reorder each step's batch into mini-batches of about equal token counts
     (Karmarkar-Karp), as the seed's `balance_batch` does across its GPUs; the step's
