@@ -83,3 +83,35 @@ def test_a_lost_worker_is_worded_by_its_cause():
     assert worker_failure(peer).startswith(
         "a training worker lost its peer (another worker or its node died): RuntimeError: "
     )
+    init = ray.exceptions.RayTaskError(
+        "PSFTTrainingWorker.__init__", "Traceback ...", RuntimeError("model cache differs")
+    )
+    failed_start = ray.exceptions.ActorDiedError(init)  # how Ray reports an __init__ error
+    assert failed_start.actor_init_failed
+    assert worker_failure(failed_start).startswith("a training worker failed to start")
+
+
+def test_a_damaged_checkpoint_record_is_a_clear_error(tmp_path) -> None:
+    from psft.trainer.verl import checkpoints as ckpt
+    from psft.workflows.errors import UserError
+
+    good = json.dumps(ckpt.metadata(4, 2, ["a.pt"]))
+    assert ckpt.parse_metadata(good, "x") == {"world_size": 2, "files": ["a.pt"]}
+    for bad in (
+        "{",
+        "[]",
+        '{"step": 4}',
+        '{"world_size": "two"}',
+        '{"world_size": 2, "files": "a.pt"}',
+    ):
+        with pytest.raises(UserError) as info:
+            ckpt.parse_metadata(
+                bad, "s3://b/run/train/checkpoints/global_step_4/psft_checkpoint.json"
+            )
+        assert "global_step_4/psft_checkpoint.json" in str(info.value)
+        assert "--fresh" in str(info.value)
+    folder = tmp_path / "global_step_4"
+    folder.mkdir()
+    (folder / ckpt.METADATA).write_text('{"world_size": 2')  # torn
+    with pytest.raises(UserError):
+        ckpt.world_size_of(folder)

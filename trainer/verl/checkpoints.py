@@ -54,12 +54,29 @@ def metadata(step: int, world_size: int, files: list[str]) -> dict[str, Any]:
     return {"step": step, "world_size": world_size, "files": sorted(set(files))}
 
 
+def parse_metadata(text: str, where: str) -> dict[str, Any]:
+    """A checkpoint's psft_checkpoint.json, checked: a damaged one is a clear error."""
+    try:
+        meta = json.loads(text)
+        world = int(meta["world_size"])
+        files = meta.get("files")
+        if world < 1 or not (files is None or isinstance(files, list)):
+            raise ValueError("world_size below 1, or files not a list")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(
+            f"{where}: not a checkpoint record psft wrote ({type(exc).__name__}: {exc}); "
+            "delete that checkpoint folder (training resumes from the one before) or start "
+            "over with psft run --fresh"
+        ) from None
+    return {"world_size": world, "files": files}
+
+
 def world_size_of(folder: Path) -> int | None:
     """The number of processes that wrote the checkpoint in `folder` (its metadata, or the
     shard names of a one-node checkpoint), None if it says nothing."""
     meta = folder / METADATA
     if meta.is_file():
-        return int(json.loads(meta.read_text())["world_size"])
+        return parse_metadata(meta.read_text(), str(meta))["world_size"]
     sizes = {int(m.group(1)) for p in folder.glob("*.pt") if (m := RANK_FILE.search(p.name))}
     return max(sizes) if sizes else None
 

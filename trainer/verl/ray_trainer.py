@@ -56,6 +56,11 @@ class WorkerLost(UserError):
     """A training worker (or its node) died, or a worker call failed."""
 
 
+class WorkerStartFailed(UserError):
+    """A training worker raised while it was being created: a setup error that a new
+    attempt would repeat (not a lost node, so no "run it again")."""
+
+
 LOST_GRACE_S = 10.0
 """After a worker call fails, how long the other calls may take to tell whether a worker
 died: a peer's collective failing ("connection closed") is the symptom, the dead worker
@@ -75,7 +80,10 @@ def wait_all(refs: list[Any]) -> list[Any]:
             ray.get(ready)
         return ray.get(list(refs))
     except ray.exceptions.RayError as exc:
-        raise WorkerLost(worker_failure(root_cause(exc, pending))) from exc
+        cause = root_cause(exc, pending)
+        if getattr(cause, "actor_init_failed", False):
+            raise WorkerStartFailed(worker_failure(cause)) from exc
+        raise WorkerLost(worker_failure(cause)) from exc
 
 
 def root_cause(first: BaseException, pending: list[Any]) -> BaseException:
@@ -99,9 +107,12 @@ def root_cause(first: BaseException, pending: list[Any]) -> BaseException:
 def worker_failure(exc: BaseException) -> str:
     """One line on a failed worker call: what happened, and the error in Ray's or the
     worker's words, cut short."""
-    if isinstance(exc, DEATHS):
-        what = "a training worker died (its node was lost, or the process was killed)"
+    if getattr(exc, "actor_init_failed", False):
+        what = "a training worker failed to start"
         cause: BaseException = exc
+    elif isinstance(exc, DEATHS):
+        what = "a training worker died (its node was lost, or the process was killed)"
+        cause = exc
     elif isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
         if PEER_LOST.search(str(cause)):
@@ -368,7 +379,8 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
         key = f"{self.checkpoints_key}/{ckpt.step_folder(step)}"
         folder = self._local_dir() / ckpt.step_folder(step)
         if self.store.exists(f"{key}/{ckpt.METADATA}"):
-            meta = json.loads(self.store.pull(f"{key}/{ckpt.METADATA}").read_text())
+            text = self.store.pull(f"{key}/{ckpt.METADATA}").read_text()
+            meta = ckpt.parse_metadata(text, f"{self.store.root}/{key}/{ckpt.METADATA}")
         else:  # a checkpoint of the one-node launcher: its shard names tell
             self.store.pull(key)
             meta = {"world_size": ckpt.world_size_of(folder), "files": None}
@@ -379,6 +391,12 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
         files = meta["files"]
         if files is None:
             files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        if not files:
+            raise UserError(
+                f"{self.store.root}/{key}: the tracker names checkpoint step {step} but the "
+                f"folder holds no files; delete {ckpt.TRACKER} there to start over, or restore "
+                "the folder"
+            )
         if "data_0.pt" in files:
             self.store.pull(f"{key}/data_0.pt")
         wait_all(self.training_client.fetch_from_store(key, files))
