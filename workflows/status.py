@@ -64,8 +64,10 @@ class StageStatus(StatusSection):
     message: str | None = None
     """Argo's message for the node (why it failed, for instance)."""
     attempts: Annotated[int, Field(ge=1)] | None = None
-    """Pods Argo ran for the stage so far (above 1: retried after an infrastructure
-    failure, see spec.backoffLimit); shown once the stage has a Retry node."""
+    """Attempts Argo made at the stage so far, counted as the children of its Retry node
+    (above 1: retried after an infrastructure failure, see spec.backoffLimit); shown once
+    the stage has a Retry node. A pod that Argo re-creates in place after it was deleted
+    (same attempt, new pod) is not counted."""
 
 
 class TrainingMetrics(StatusSection):
