@@ -206,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except InvalidJob as exc:
         print(exc, file=sys.stderr)
+        write_termination_message(f"psft {args.command}: {' '.join(str(exc).split())}")
         return 1
     except UserError as exc:
         message = f"psft {args.command}: error: {exc}"
@@ -214,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or a library's failure: its traceback follows on stderr
+        text = " ".join(str(exc).split())
+        write_termination_message(
+            f"psft {args.command}: unexpected {type(exc).__name__}: {text} (the traceback is "
+            "in the container's log)"
+        )
+        raise
 
 
 if __name__ == "__main__":

@@ -44,3 +44,27 @@ def test_every_stage_command_writes_it(tmp_path: Path, monkeypatch, command: str
     monkeypatch.setenv("PSFT_TERMINATION_LOG", str(log))
     assert main([command, "--config", str(tmp_path / "nope.json")]) == 2
     assert log.read_text().startswith(f"psft {command}: error: ")
+
+
+def test_an_unexpected_error_names_its_type_and_still_raises(tmp_path: Path, monkeypatch) -> None:
+    """A traceback (a bug, a library's RuntimeError) exits 1 with the traceback on stderr,
+    and the status still says what it was instead of only "exit code 1"."""
+    import psft.workflows.cli as cli
+
+    log = tmp_path / "termination-log"
+    log.write_bytes(b"")
+    monkeypatch.setenv("PSFT_TERMINATION_LOG", str(log))
+
+    def boom(args) -> int:
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():  # every command
+        action.set_defaults(func=boom)
+    with pytest.raises(RuntimeError):
+        main(["report", "--config", str(tmp_path / "c.json")])
+    assert log.read_text() == (
+        "psft report: unexpected RuntimeError: CUDA error: an illegal memory access was "
+        "encountered (the traceback is in the container's log)"
+    )
