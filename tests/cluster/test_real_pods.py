@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -282,6 +283,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
             node.stop()
         plane.stop()
         s3.stop()
+        # the runs' checkpoints (SmolLM2 with its optimizer state: over 10 GB in all);
+        # pytest keeps its last temp folders, so they would stay on disk
+        shutil.rmtree(s3.root / "data", ignore_errors=True)
 
 
 def _metrics_jsonl(cluster: RealCluster, name: str) -> list[dict[str, Any]]:
