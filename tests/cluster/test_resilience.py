@@ -426,10 +426,11 @@ class TestFaultsThroughAProxy:
         assert min(gaps(posts[:4])) >= 1.5, gaps(posts)
         assert len(workflows_of(platform, uids)["err"]) == 1
 
-        # a job without a Workflow (invalid: multi-node): its status write is the only one,
-        # so the retry after the 429 is the handler's own, and waits Retry-After
+        # a job without a Workflow (the CRD admits it, validation refuses an unregistered
+        # benchmark): its status write is the only one, so the retry after the 429 is the
+        # handler's own, and waits Retry-After
         invalid = manifest("err-invalid")
-        invalid["spec"]["resources"]["nodes"] = 2
+        invalid["spec"]["eval"]["benchmarks"] = ["no-such-benchmark"]
         slow = proxy.add(
             Rule("error", "PATCH", r"/psftjobs/err-invalid/status", status=429, retry_after=3)
         )
