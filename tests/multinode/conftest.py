@@ -16,14 +16,17 @@ from ray_cluster import LocalRayCluster
 from servers.seaweed import SeaweedS3
 
 
-@pytest.fixture(scope="session")
+# module scope (the tests of one module use them): a cluster kept to the end of the session
+# would be joined by every later test that runs a multi-node spec (RAY_ADDRESS stays set),
+# which then waits for resources that cluster does not have
+@pytest.fixture(scope="module")
 def multinode_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     server = SeaweedS3(tmp_path_factory.mktemp("multinode-seaweed")).start()
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(
     tmp_path_factory: pytest.TempPathFactory, multinode_s3: SeaweedS3
 ) -> Iterator[LocalRayCluster]:

@@ -654,8 +654,14 @@ def run_stage(c: Ctx, capfd: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_corrupt_input_is_one_clear_error(
-    case: Case, base_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    case: Case,
+    base_run: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # a multi-node spec joins the Ray cluster RAY_ADDRESS names: here there must be none
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     root = tmp_path / "c"
     shutil.copytree(base_run, root, symlinks=True)
     c = Ctx(root, case.stage, stage_config(root, case.stage), root / f"{case.stage}.json")
