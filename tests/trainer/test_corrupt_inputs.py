@@ -357,8 +357,9 @@ CASES = [
     Case("stage-json-unknown-benchmark", "eval",
          spec_edit(_set(("eval", "benchmarks"), ["no-such-bench"])), "eval.json",
          ("no-such-bench",)),
+    # valid since multi-node training landed, but outside a Ray cluster: the field and the fix
     Case("stage-json-multi-node", "train", spec_edit(_set(("resources", "nodes"), 2)),
-         "train.json", ("multi-node",)),
+         "spec.resources.nodes", ("multi-node", "ray cluster")),
     Case("stage-json-home-of-no-user", "train",
          spec_edit(_set(("storage", "local", "path"), "~no-such-user-here/runs")), "train.json",
          ("no-such-user-here",)),
