@@ -777,7 +777,9 @@ def test_a_full_disk_stops_training_and_keeps_the_last_checkpoint(
         records = [
             json.loads(line) for line in (disk / "train/metrics.jsonl").read_text().splitlines()
         ]
-        assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+        # the held-out baseline before any update (step 0), then every step once
+        assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+        assert "val_loss" in records[0] and "loss" not in records[0]
         assert checkpoint_is_complete(disk / "train/checkpoints/step-6")
         assert (disk / "train/final/model.safetensors").is_file()
     finally:
