@@ -261,7 +261,13 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
             profiler_config=self.profiler_config,
         )
         nodes, per_node = int(self.config.trainer.nnodes), int(self.config.trainer.n_gpus_per_node)
-        self.resource_pool = RayResourcePool(process_on_nodes=[per_node] * nodes)
+        # one worker group per bundle: each process reserves 1 CPU + 1 GPU. verl's default
+        # (max_colocate_count 10, for colocated PPO roles) reserves 10 CPUs per GPU, which a
+        # node pod with resources.cpu below 10 x gpusPerNode never offers: Ray would wait
+        # for that placement forever
+        self.resource_pool = RayResourcePool(
+            process_on_nodes=[per_node] * nodes, max_colocate_count=1
+        )
         worker = RayClassWithInitArgs(
             ray.remote(PSFTTrainingWorker),
             config=config,
