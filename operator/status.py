@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psft.workflows import layout
+from psft.workflows.benchmarks import final_or_last
 from psft.workflows.pipeline import Stage, arm_of
 from psft.workflows.spec import PSFTJob
 from psft.workflows.status import PSFTJobStatus
@@ -174,13 +175,7 @@ def _eval_results(stage: str, value: Any) -> dict[str, dict[str, Any]]:
     if isinstance(value, Mapping) and isinstance(value.get("results"), list):
         value = value["results"]
     if isinstance(value, list):
-        rows = [r for r in value if isinstance(r, Mapping) and r.get("benchmark")]
-        picked: dict[str, Any] = {}
-        for row in rows:
-            name = row["benchmark"]
-            if name not in picked or picked[name].get("checkpoint") != "final":
-                picked[name] = row
-        value = picked
+        value = final_or_last(r for r in value if isinstance(r, Mapping))
     if not isinstance(value, dict):
         return {}
     out = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from psft.workflows import layout
+from psft.workflows.benchmarks import final_or_last
 from psft.workflows.errors import UserError, shown
 from psft.workflows.stages import StageConfig
 
@@ -314,16 +315,7 @@ def compare_arms(summary: dict[str, Any], arms: dict[str, str]) -> dict[str, dic
             "val_entropy_last": info.get("val_entropy", {}).get("last"),
             "grad_norm_last": final.get("grad_norm"),
         }
-        # per benchmark the final checkpoint's score, else the last evaluated one's
-        # (eval.checkpoints: best or all evaluate step-N folders)
-        picked: dict[str, dict[str, Any]] = {}
-        for row in summary["eval"]:
-            bench = row.get("benchmark")
-            if row.get("arm") != arm or not bench:
-                continue
-            if bench not in picked or picked[bench].get("checkpoint") != "final":
-                picked[bench] = row
-        for bench, row in picked.items():
+        for bench, row in final_or_last(r for r in summary["eval"] if r.get("arm") == arm).items():
             figures[f"avg_at_k/{bench}"] = row.get("avg_at_k")
         out[arm] = figures
     return out
