@@ -153,6 +153,18 @@ class RealCluster:
 
     def diagnose(self, name: str) -> str:
         out = [f"job status: {json.dumps(self.platform.job(NS, name).get('status'))[:2000]}"]
+        free = shutil.disk_usage(self.tmp).free
+        out.append(f"disk: {free / 1e9:.1f} GB free under {self.tmp}")
+        node = self.plane.request(f"/api/v1/nodes/{self.node.name}")[1]
+        conditions = (node.get("status") or {}).get("conditions", [])
+        out.append("node: " + ", ".join(f"{c['type']}={c['status']}" for c in conditions))
+        # pods deleted since (podGC, evictions) as the watch last saw them
+        for pod_name, pod in sorted(self.pods.last.items()):
+            state = pod.get("status", {})
+            out.append(
+                f"seen pod {pod_name}: {state.get('phase')} {state.get('reason', '')} "
+                f"{state.get('message', '')[:300]}"
+            )
         for pod in self.plane.request(f"/api/v1/namespaces/{NS}/pods")[1].get("items", []):
             meta = pod["metadata"]
             states = [
@@ -228,7 +240,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     started = time.monotonic()
     images = [argoexec_image(ensure_built("argo") / "bin" / "argoexec"), trainer_image()]
     timings["images built or found"] = time.monotonic() - started
-    s3 = SeaweedS3(tmp / "s3").start()
+    s3 = SeaweedS3(tmp / "s3", vacuum_every=20).start()  # SmolLM2 checkpoints: GBs
     plane = ControlPlane(tmp / "plane")
     node = None
     platform = Platform(plane, job_namespaces=(NS,))
@@ -236,7 +248,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
         s3.create_bucket(BUCKET)
         _upload_inputs(s3, tmp)
         plane.start()
-        node = RealNode(plane, services={S3_ENDPOINT: s3.endpoint})
+        node = RealNode(plane, services={S3_ENDPOINT: s3.endpoint}, run_folder=tmp)
         started = time.monotonic()
         node.start()
         timings["node start"] = time.monotonic() - started
@@ -517,18 +529,41 @@ def prometheus(cluster: RealCluster) -> Iterator[PodPrometheus]:
     prom.stop()
 
 
+# A SmolLM2 run keeps up to two checkpoints with optimizer state in S3 (2.2 GB each, until
+# the server's vacuum) and its pod's copy of the model and of the newest checkpoint; below
+# 1% of the disk free the kubelet evicts the train pod, and Argo's retries find no more.
+SMOLLM_DISK = 8 * 10**9
+# pytest-timeout's limit for each SmolLM2 test (its fixtures' set-up included); each
+# wait inside stops earlier, so that its failure shows the cluster's state
+SMOLLM_TEST_TIMEOUT = 1500
+
+
+def _check_room_for_smollm(cluster: RealCluster) -> None:
+    usage = shutil.disk_usage(cluster.tmp)
+    need = SMOLLM_DISK + usage.total // 100
+    if usage.free < need:
+        pytest.fail(
+            f"{usage.free / 1e9:.1f} GB free under {cluster.tmp}, a SmolLM2 run needs about "
+            f"{need / 1e9:.1f} GB (checkpoints in S3, the pod's copies, the kubelet's 1% "
+            "eviction threshold): free some (old /tmp/pytest-of-* folders) or point "
+            "--basetemp at a larger disk"
+        )
+
+
 @pytest.fixture(scope="module")
 def smollm_run(cluster: RealCluster, prometheus: PodPrometheus) -> Run:
     """The example with its own model (SmolLM2-135M), uninterrupted, scraped all along."""
     name = "quickstart-smollm2"
+    _check_room_for_smollm(cluster)
     started = time.time()
     cluster.platform.apply(cluster.job_file(name))
-    status = cluster.wait_phase(name, ("Succeeded", "Failed"), timeout=1500)
+    status = cluster.wait_phase(name, ("Succeeded", "Failed"), timeout=1200)
     assert status["phase"] == "Succeeded", cluster.diagnose(name)
     time.sleep(2)
     return Run(name, status, _metrics_jsonl(cluster, name), started, time.time())
 
 
+@pytest.mark.timeout(SMOLLM_TEST_TIMEOUT)
 def test_prometheus_scrapes_the_train_pod(
     cluster: RealCluster, prometheus: PodPrometheus, smollm_run: Run
 ) -> None:
@@ -559,6 +594,7 @@ def test_prometheus_scrapes_the_train_pod(
     print(f"\nPrometheus saw steps {sorted(seen)} of {len(smollm_run.rows)}")
 
 
+@pytest.mark.timeout(SMOLLM_TEST_TIMEOUT)
 def test_killed_train_pod_resumes_from_the_s3_checkpoint(
     cluster: RealCluster, smollm_run: Run
 ) -> None:
@@ -566,7 +602,15 @@ def test_killed_train_pod_resumes_from_the_s3_checkpoint(
     checkpoint; Argo retries the stage, the retry resumes from S3, the losses equal the
     uninterrupted run's, and the PSFTJob status counts two attempts."""
     name = "quickstart-killed"
+    _check_room_for_smollm(cluster)
+    deadline = time.monotonic() + SMOLLM_TEST_TIMEOUT - 120  # the diagnosis, the teardown
     cluster.platform.apply(cluster.job_file(name))
+
+    def until(what: str, predicate: Any) -> Any:
+        try:
+            return wait_for(predicate, deadline - time.monotonic(), what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{cluster.diagnose(name)}") from None
 
     def checkpointed_train_pod() -> dict[str, Any] | None:
         keys = cluster.objects(f"runs/{NS}/{name}/")
@@ -581,7 +625,7 @@ def test_killed_train_pod_resumes_from_the_s3_checkpoint(
         ]
         return pods[0] if pods else None
 
-    victim = wait_for(checkpointed_train_pod, 900, "the first checkpoint in S3")
+    victim = until("the first checkpoint in S3", checkpointed_train_pod)
     killed_at_step = (cluster.platform.job(NS, name).get("status") or {}).get("metrics", {})
     # SIGKILL of the stage's process, as the kernel's OOM killer would: the container
     # exits 137 and Argo retries the stage with a new pod (a deleted pod is instead
@@ -601,8 +645,10 @@ def test_killed_train_pod_resumes_from_the_s3_checkpoint(
         return None
 
     victim_uid = victim["metadata"]["uid"]
-    retry_log = wait_for(retry_started, 900, f"the retry after killing pid {killed}")
-    status = cluster.wait_phase(name, ("Succeeded", "Failed"), timeout=1500)
+    retry_log = until(f"the retry after killing pid {killed}", retry_started)
+    status = cluster.wait_phase(
+        name, ("Succeeded", "Failed"), timeout=max(deadline - time.monotonic(), 1)
+    )
     assert status["phase"] == "Succeeded", cluster.diagnose(name)
     # the retry resumed from the S3 checkpoint instead of starting over
     assert "resuming train from checkpoint step" in retry_log, retry_log[-3000:]

@@ -97,10 +97,16 @@ class SeaweedS3:
         access_key: str = ACCESS_KEY,
         secret_key: str = SECRET_KEY,
         tls: bool = False,
+        vacuum_every: int | None = None,
     ):
         self.root = Path(root)
         self.tls = make_test_ca(self.root / "tls") if tls else None
         """With TLS the S3 API answers HTTPS only, with a certificate from a private CA."""
+        self.vacuum_every = vacuum_every
+        """Seconds between the master's sweeps that compact volumes holding any deleted
+        data: a deleted object's bytes stay on disk until then (SeaweedFS's default is
+        every 14 minutes, above 30% garbage), and tests that replace gigabytes of
+        checkpoints would fill the disk meanwhile."""
         self.access_key = access_key
         self.secret_key = secret_key
         self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
@@ -162,6 +168,11 @@ class SeaweedS3:
             "-admin.ui=false",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
+        if self.vacuum_every:
+            argv += [
+                f"-master.vacuumIntervalSeconds={self.vacuum_every}",
+                "-master.garbageThreshold=0.001",
+            ]
         if self.tls:
             argv += [f"-s3.cert.file={self.tls.cert}", f"-s3.key.file={self.tls.key}"]
         log = self.log_path.open("ab")

@@ -55,6 +55,9 @@ SERVICE_BRIDGE = "psft-svc0"
 CGROUP_ROOT = "psft-node"
 CGROUP_BASE = Path("/sys/fs/cgroup")
 LOCK_FILE = "/tmp/.psft-real-node.lock"
+# the live node's folder, removed by stop(): found at start, it names a run killed before
+# its stop() (pytest killed by a CI timeout, a machine snapshot taken mid-run)
+STATE_FILE = Path("/tmp/.psft-real-node.folder")
 # kubelet tunes these on start (protectKernelDefaults: false); stop() puts them back
 KERNEL_TUNABLES = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 TESTS = Path(__file__).resolve().parents[2]
@@ -71,6 +74,9 @@ class RealNode:
     name: str = NODE_NAME
     services: dict[str, str] = field(default_factory=dict)
     """cluster IP:port -> 127.0.0.1:port, besides the `kubernetes` Service."""
+    run_folder: Path | None = None
+    """The folder of the test run the node belongs to (the plane's by default): a killed
+    run's processes working under it (its S3 server, its Prometheus) are reaped with it."""
     processes: list[Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -96,12 +102,32 @@ class RealNode:
         return self
 
     def _start(self) -> None:
-        self._remove_network()  # what a killed earlier run left (we hold the lock)
+        self._reap_killed_run()
+        run = self.run_folder or self.plane.folder
+        STATE_FILE.write_text(json.dumps({"node": str(self.folder), "run": str(run)}))
         self._network()
         self._start_proxy()
         self._start_containerd()
         self.import_image(sandbox_image())
         self._start_kubelet()
+
+    def _reap_killed_run(self) -> None:
+        """What a run killed before its stop() left (we hold the lock: no live node owns
+        it): its processes, its containers' cgroups, its mounts and its stores, which hold
+        the imported images (over 11 GB) and pin the pytest folder pytest would delete."""
+        self._remove_network()
+        try:
+            state = json.loads(STATE_FILE.read_text())
+            stale, run = Path(state["node"]), Path(state["run"])
+        except (OSError, ValueError, KeyError, TypeError):
+            STATE_FILE.unlink(missing_ok=True)
+            return
+        if stale != self.folder:
+            _kill_processes_of(stale, run=run)
+            self._remove_cgroups(_cgroup_paths())
+            if not _unmount_under(stale):
+                _remove_stores(stale)
+        STATE_FILE.unlink(missing_ok=True)
 
     def _network(self) -> None:
         prefix = POD_SUBNET.split("/")[1]
@@ -279,23 +305,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def _cgroup_root(self) -> None:
         """`/psft-node` in every cgroup v1 controller (this machine), or in the cgroup v2
         hierarchy with the controllers delegated to it (not tried here: no v2-only host)."""
-        if (CGROUP_BASE / "cgroup.controllers").exists():  # cgroup v2 only
-            path = CGROUP_BASE / CGROUP_ROOT
+        for path in _cgroup_paths():
             path.mkdir(exist_ok=True)
             self._cgroups.append(path)
-            wanted = (CGROUP_BASE / "cgroup.controllers").read_text().split()
-            with suppress(OSError):
-                (path / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
-            return
-        for controller in sorted(CGROUP_BASE.iterdir()):
-            if controller.name == "unified" or not (controller / "cgroup.procs").exists():
-                continue
-            path = controller / CGROUP_ROOT
-            path.mkdir(exist_ok=True)
-            self._cgroups.append(path)
-            if controller.name == "cpuset":  # a new cpuset starts empty
+            if path.parent == CGROUP_BASE:  # cgroup v2 only
+                wanted = (CGROUP_BASE / "cgroup.controllers").read_text().split()
+                with suppress(OSError):
+                    (path / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
+            elif path.parent.name == "cpuset":  # a new cpuset starts empty
                 for name in ("cpuset.cpus", "cpuset.mems"):
-                    (path / name).write_text((controller / name).read_text())
+                    (path / name).write_text((path.parent / name).read_text())
 
     def _start_kubelet(self) -> None:
         for tunable in KERNEL_TUNABLES:
@@ -401,12 +420,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
-        self._kill_shims()
-        mounted = self._unmount()
-        self._remove_cgroups()
+        _kill_processes_of(self.folder)  # containerd's shims outlive it
+        mounted = _unmount_under(self.folder)
+        self._remove_cgroups(self._cgroups)
+        self._cgroups.clear()
         if not mounted:
-            self._remove_stores()
+            _remove_stores(self.folder)
         self._remove_network()
+        if self._started_here():
+            STATE_FILE.unlink(missing_ok=True)
         for tunable, value in self._sysctls.items():
             with suppress(OSError):
                 (Path("/proc/sys") / tunable).write_text(value)
@@ -441,45 +463,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.ctr("tasks", "delete", "-f", cid, check=False, timeout=30)
             self.ctr("containers", "delete", cid, check=False, timeout=30)
 
-    def _kill_shims(self) -> None:
-        """containerd-shim-runc-v2 processes of this node's containerd (they outlive it)."""
-        marker = str(self.socket)
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            with suppress(OSError):
-                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-                if "containerd-shim" in cmdline and marker in cmdline:
-                    os.kill(int(proc.name), signal.SIGKILL)
+    def _started_here(self) -> bool:
+        with suppress(OSError, ValueError, KeyError, TypeError):
+            return bool(json.loads(STATE_FILE.read_text())["node"] == str(self.folder))
+        return False
 
-    def _mounts(self) -> list[str]:
-        prefix = str(self.folder) + "/"
-        mounts = [
-            line.split()[1].replace("\\040", " ")
-            for line in Path("/proc/self/mounts").read_text().splitlines()
-        ]
-        return sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
-
-    def _unmount(self) -> list[str]:
-        """Unmount what the node mounted under its folder: what is still mounted after."""
-        for _ in range(3):
-            ours = self._mounts()
-            if not ours:
-                return []
-            for mount in ours:
-                subprocess.run(["umount", "-l", mount], capture_output=True)
-        return self._mounts()
-
-    def _remove_stores(self) -> None:
-        """containerd's content and snapshots (the imported images, twice their size: over
-        11 GB with the trainer image) and the kubelet's pod volumes. Only once nothing is
-        mounted under the folder, so a removal never reaches through a mount; the logs
-        (containerd, kubelet, pods) stay for the test's diagnosis."""
-        for store in (self.folder / "containerd" / "root", self.folder / "kubelet" / "root"):
-            shutil.rmtree(store, ignore_errors=True)
-
-    def _remove_cgroups(self) -> None:
-        for root in self._cgroups:
+    @staticmethod
+    def _remove_cgroups(roots: list[Path]) -> None:
+        for root in roots:
             if not root.exists():
                 continue
             for dirpath, _dirnames, _files in sorted(os.walk(root), key=lambda w: -len(w[0])):
@@ -493,7 +484,62 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     except OSError:
                         _kill_cgroup(path)
                         time.sleep(0.2)
-        self._cgroups.clear()
+
+
+def _cgroup_paths() -> list[Path]:
+    """Where `_cgroup_root` puts the node's cgroup in each hierarchy."""
+    if (CGROUP_BASE / "cgroup.controllers").exists():
+        return [CGROUP_BASE / CGROUP_ROOT]
+    return [
+        controller / CGROUP_ROOT
+        for controller in sorted(CGROUP_BASE.iterdir())
+        if controller.name != "unified" and (controller / "cgroup.procs").exists()
+    ]
+
+
+def _kill_processes_of(folder: Path, run: Path | None = None) -> None:
+    """SIGKILL containerd's shims of a node folder (they name its socket) and, given a
+    killed run's folder, every process working in or under it: the control plane's, the
+    node's, the run's servers."""
+    marker = str(folder / "containerd" / "containerd.sock")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            shim = "containerd-shim" in cmdline and marker in cmdline
+            inside = run is not None and Path(os.readlink(proc / "cwd")).is_relative_to(run)
+            if shim or inside:
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+def _mounts_under(folder: Path) -> list[str]:
+    prefix = str(folder) + "/"
+    mounts = [
+        line.split()[1].replace("\\040", " ")
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+    ]
+    return sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
+
+
+def _unmount_under(folder: Path) -> list[str]:
+    """Unmount what a node mounted under its folder: what is still mounted after."""
+    for _ in range(3):
+        ours = _mounts_under(folder)
+        if not ours:
+            return []
+        for mount in ours:
+            subprocess.run(["umount", "-l", mount], capture_output=True)
+    return _mounts_under(folder)
+
+
+def _remove_stores(folder: Path) -> None:
+    """containerd's content and snapshots (the imported images, twice their size: over
+    11 GB with the trainer image) and the kubelet's pod volumes. Only once nothing is
+    mounted under the folder, so a removal never reaches through a mount; the logs
+    (containerd, kubelet, pods) stay for the test's diagnosis."""
+    for store in (folder / "containerd" / "root", folder / "kubelet" / "root"):
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def _kill_cgroup(path: Path) -> None:
