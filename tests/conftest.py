@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: tiny_model, servers, ...
+# every process the tests start inherits this mark: the next run's real node finds by it
+# what this run left running if it is killed (servers/cluster/node.py, RUN_ENV)
+os.environ.setdefault("PSFT_TEST_RUN", f"{os.getpid()}-{secrets.token_hex(4)}")
 
 REPO = Path(__file__).resolve().parents[1]
 

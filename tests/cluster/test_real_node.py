@@ -15,13 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from servers.cluster import node as node_module
 from servers.cluster.control_plane import ControlPlane
-from servers.cluster.node import LOCK_FILE, STATE_FILE, RealNode
+from servers.cluster.node import LOCK_FILE, RUN_ENV, RealNode
 
 pytestmark = [pytest.mark.integration]
 
 if sys.platform != "linux" or os.geteuid() != 0:
     pytestmark.append(pytest.mark.skip(reason="mounts and other runs' processes need root"))
+
+KILLED_RUN = "4242-deadbeef"
 
 
 def _mounted_under(folder: Path) -> list[str]:
@@ -29,50 +32,69 @@ def _mounted_under(folder: Path) -> list[str]:
     return [line.split()[1] for line in lines if line.split()[1].startswith(f"{folder}/")]
 
 
-def test_a_killed_runs_processes_mounts_and_stores_go_at_the_next_start(tmp_path: Path) -> None:
-    # what a run killed mid-way leaves: its plane's and its S3 server's processes, a pod
-    # volume still mounted, containerd's store (the imported images), the state file
-    run = tmp_path / "killed"
-    stale_plane = run / "plane"
-    stale = stale_plane / "node"
-    store = stale / "containerd" / "root"
+def _leave_a_killed_run(node_folder: Path) -> tuple[Path, list[subprocess.Popen]]:
+    """What a run killed mid-way leaves: processes carrying its mark, a pod volume still
+    mounted, containerd's store (the imported images), its logs."""
+    store = node_folder / "containerd" / "root"
     store.mkdir(parents=True)
     (store / "blob").write_bytes(b"\0" * 4096)
-    volume = stale / "kubelet" / "root" / "pods" / "uid" / "volumes" / "dshm"
+    volume = node_folder / "kubelet" / "root" / "pods" / "uid" / "volumes" / "dshm"
     volume.mkdir(parents=True)
-    (stale / "logs.txt").write_text("kept for the diagnosis")
+    (node_folder / "logs.txt").write_text("kept for the diagnosis")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "psft-test", str(volume)], check=True)
-    (run / "s3").mkdir()
-    leftovers = [subprocess.Popen(["sleep", "600"], cwd=cwd) for cwd in (stale_plane, run / "s3")]
-    bystander = subprocess.Popen(["sleep", "600"], cwd=tmp_path)
-    node = RealNode(ControlPlane(tmp_path / "next"))
+    env = {**os.environ, RUN_ENV: KILLED_RUN}
+    servers = [subprocess.Popen(["sleep", "600"], cwd=node_folder.parent, env=env) for _ in "ab"]
+    return store, servers
+
+
+def _reap(node: RealNode, state: dict[str, str]) -> None:
     with open(LOCK_FILE, "w") as lock:  # as RealNode.start holds it
         fcntl.flock(lock, fcntl.LOCK_EX)
-        STATE_FILE.write_text(json.dumps({"node": str(stale), "run": str(run)}))
-        try:
-            node._reap_killed_run()
-            alive = bystander.poll() is None  # another folder's process
-            reaped = [p.wait(10) for p in leftovers]  # TimeoutExpired if one was missed
-        finally:
-            for mount in sorted(_mounted_under(tmp_path), key=len, reverse=True):
-                subprocess.run(["umount", "-l", mount], check=False)
-            for proc in [bystander, *leftovers]:
-                proc.kill()
-    assert alive
+        node_module.STATE_FILE.write_text(json.dumps(state))
+        node._reap_killed_run()
+
+
+@pytest.fixture(autouse=True)
+def own_state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's state file names a real killed run, if any: not ours to touch."""
+    monkeypatch.setattr(node_module, "STATE_FILE", tmp_path / "state.json")
+
+
+@pytest.mark.parametrize("same_folder", [False, True], ids=["other-folder", "fixed-basetemp"])
+def test_a_killed_runs_processes_mounts_and_stores_go_at_the_next_start(
+    tmp_path: Path, same_folder: bool
+) -> None:
+    killed = tmp_path / "killed" / "plane" / "node"
+    store, servers = _leave_a_killed_run(killed)
+    # a developer's shell reading the killed run's logs: its folder, not its mark
+    reader = subprocess.Popen(["sleep", "600"], cwd=killed)
+    plane = killed.parent if same_folder else tmp_path / "next" / "plane"
+    node = RealNode(ControlPlane(plane))
+    try:
+        _reap(node, {"node": str(killed), "run": KILLED_RUN})
+        reaped = [p.wait(10) for p in servers]  # TimeoutExpired if one was missed
+        alive = reader.poll() is None
+    finally:
+        for mount in sorted(_mounted_under(tmp_path), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
+        for proc in [reader, *servers]:
+            proc.kill()
     assert reaped == [-9, -9]
-    assert not _mounted_under(stale)
-    assert not store.exists() and not (stale / "kubelet" / "root").exists()
-    assert (stale / "logs.txt").read_text() == "kept for the diagnosis"
-    assert not STATE_FILE.exists()
+    assert alive
+    assert not _mounted_under(killed)
+    assert not store.exists() and not (killed / "kubelet" / "root").exists()
+    assert (killed / "logs.txt").read_text() == "kept for the diagnosis"
+    assert not node_module.STATE_FILE.exists()
 
 
-def test_a_node_that_stopped_cleanly_leaves_nothing_to_reap(tmp_path: Path) -> None:
-    """No state file: nothing of anyone else's is touched."""
+def test_nothing_is_reaped_without_a_state_file_or_for_this_run(tmp_path: Path) -> None:
     store = tmp_path / "other" / "plane" / "node" / "containerd" / "root"
     store.mkdir(parents=True)
     node = RealNode(ControlPlane(tmp_path / "next"))
     with open(LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        STATE_FILE.unlink(missing_ok=True)
-        node._reap_killed_run()
+        node._reap_killed_run()  # no state file
+    assert store.exists()
+    # a node of this very run that did not stop: its processes are this run's own
+    _reap(node, {"node": str(store.parents[1]), "run": os.environ[RUN_ENV]})
     assert store.exists()

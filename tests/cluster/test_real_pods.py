@@ -248,7 +248,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
         s3.create_bucket(BUCKET)
         _upload_inputs(s3, tmp)
         plane.start()
-        node = RealNode(plane, services={S3_ENDPOINT: s3.endpoint}, run_folder=tmp)
+        node = RealNode(plane, services={S3_ENDPOINT: s3.endpoint})
         started = time.monotonic()
         node.start()
         timings["node start"] = time.monotonic() - started
@@ -594,7 +594,8 @@ def test_prometheus_scrapes_the_train_pod(
     print(f"\nPrometheus saw steps {sorted(seen)} of {len(smollm_run.rows)}")
 
 
-@pytest.mark.timeout(SMOLLM_TEST_TIMEOUT)
+# run alone (-k), its set-up is the uninterrupted run too
+@pytest.mark.timeout(2 * SMOLLM_TEST_TIMEOUT)
 def test_killed_train_pod_resumes_from_the_s3_checkpoint(
     cluster: RealCluster, smollm_run: Run
 ) -> None:

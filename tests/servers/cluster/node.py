@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -55,9 +56,12 @@ SERVICE_BRIDGE = "psft-svc0"
 CGROUP_ROOT = "psft-node"
 CGROUP_BASE = Path("/sys/fs/cgroup")
 LOCK_FILE = "/tmp/.psft-real-node.lock"
-# the live node's folder, removed by stop(): found at start, it names a run killed before
-# its stop() (pytest killed by a CI timeout, a machine snapshot taken mid-run)
+# the live node's folder and its run's mark, removed by stop(): found at start, they name
+# a run killed before its stop() (pytest killed by a CI timeout, a snapshot taken mid-run)
 STATE_FILE = Path("/tmp/.psft-real-node.folder")
+# every process a test run starts inherits this mark from its environment (tests/conftest.py
+# sets it first thing): what the next run finds a killed run's processes by
+RUN_ENV = "PSFT_TEST_RUN"
 # kubelet tunes these on start (protectKernelDefaults: false); stop() puts them back
 KERNEL_TUNABLES = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 TESTS = Path(__file__).resolve().parents[2]
@@ -74,9 +78,6 @@ class RealNode:
     name: str = NODE_NAME
     services: dict[str, str] = field(default_factory=dict)
     """cluster IP:port -> 127.0.0.1:port, besides the `kubernetes` Service."""
-    run_folder: Path | None = None
-    """The folder of the test run the node belongs to (the plane's by default): a killed
-    run's processes working under it (its S3 server, its Prometheus) are reaped with it."""
     processes: list[Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -103,8 +104,7 @@ class RealNode:
 
     def _start(self) -> None:
         self._reap_killed_run()
-        run = self.run_folder or self.plane.folder
-        STATE_FILE.write_text(json.dumps({"node": str(self.folder), "run": str(run)}))
+        STATE_FILE.write_text(json.dumps({"node": str(self.folder), "run": run_mark()}))
         self._network()
         self._start_proxy()
         self._start_containerd()
@@ -113,17 +113,18 @@ class RealNode:
 
     def _reap_killed_run(self) -> None:
         """What a run killed before its stop() left (we hold the lock: no live node owns
-        it): its processes, its containers' cgroups, its mounts and its stores, which hold
-        the imported images (over 11 GB) and pin the pytest folder pytest would delete."""
+        it): its processes (found by their run mark), its containers' cgroups, its mounts
+        and its stores, which hold the imported images (over 11 GB) and pin the pytest
+        folder pytest would delete."""
         self._remove_network()
         try:
             state = json.loads(STATE_FILE.read_text())
-            stale, run = Path(state["node"]), Path(state["run"])
+            stale, mark = Path(state["node"]), str(state["run"])
         except (OSError, ValueError, KeyError, TypeError):
             STATE_FILE.unlink(missing_ok=True)
             return
-        if stale != self.folder:
-            _kill_processes_of(stale, run=run)
+        if mark != run_mark():  # else a node of this run that did not stop: not killed
+            _kill_processes_of(stale, run=mark)
             self._remove_cgroups(_cgroup_paths())
             if not _unmount_under(stale):
                 _remove_stores(stale)
@@ -497,19 +498,25 @@ def _cgroup_paths() -> list[Path]:
     ]
 
 
-def _kill_processes_of(folder: Path, run: Path | None = None) -> None:
+def run_mark() -> str:
+    """This run's mark (set here if tests/conftest.py did not: then only the processes
+    started from now on carry it)."""
+    return os.environ.setdefault(RUN_ENV, f"{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _kill_processes_of(folder: Path, run: str | None = None) -> None:
     """SIGKILL containerd's shims of a node folder (they name its socket) and, given a
-    killed run's folder, every process working in or under it: the control plane's, the
-    node's, the run's servers."""
+    killed run's mark, every process that carries it in its environment: the control
+    plane's, the node's, the run's servers (a shell in the run's folder does not)."""
     marker = str(folder / "containerd" / "containerd.sock")
+    mark = f"{RUN_ENV}={run}".encode() if run else None
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         with suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             shim = "containerd-shim" in cmdline and marker in cmdline
-            inside = run is not None and Path(os.readlink(proc / "cwd")).is_relative_to(run)
-            if shim or inside:
+            if shim or (mark and mark in (proc / "environ").read_bytes().split(b"\0")):
                 os.kill(int(proc.name), signal.SIGKILL)
 
 
