@@ -286,6 +286,28 @@ def _psft_train(config: Path) -> subprocess.Popen:
     )
 
 
+def test_a_cluster_too_small_for_the_spec_stops_naming_the_fields(
+    base, tiny_model_dir, ray_cluster, monkeypatch
+):
+    """nodes: 4 on the two-node cluster (one CPU each): Ray would wait for the third group
+    forever; the driver stops after the deadline (exit 2) saying what the cluster has."""
+    root = new_root(base, "too-many-nodes")
+    config = root / "stage.json"
+    job = make_job(tiny_model_dir, base / "train.jsonl", nodes=4)
+    config.write_text(stage(job, "train", root).dump())
+    monkeypatch.setenv("PSFT_RAY_PLACEMENT_TIMEOUT", "4")
+    proc = _psft_train(config)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, out[-3000:]
+    error = [line for line in out.splitlines() if "spec.resources.nodes: the run" in line]
+    assert error, out[-3000:]
+    print(error[-1])  # shown with -s: the message a user reads
+    assert "the run needs 4 groups of 1 worker (1 CPU each, each group on one node)" in error[-1]
+    assert "can hold 2 (" in error[-1] and "lower spec.resources.nodes;" in error[-1]
+    assert re.search(r"after [4-9] s ", error[-1]), error[-1]  # the deadline, not 30 s more
+    assert not (root / "train" / "metrics.jsonl").exists()  # nothing started
+
+
 def test_worker_node_lost_then_resumed(runs, base, tiny_model_dir, ray_cluster):
     """Runs last: kills the worker node after the step-2 checkpoint, then restarts it."""
     root = new_root(base, "killed")

@@ -115,3 +115,62 @@ def test_a_damaged_checkpoint_record_is_a_clear_error(tmp_path) -> None:
     (folder / ckpt.METADATA).write_text('{"world_size": 2')  # torn
     with pytest.raises(UserError):
         ckpt.world_size_of(folder)
+
+
+def _node(address: str, cpu: float, gpu: float = 0.0, alive: bool = True) -> dict:
+    resources = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    return {"Alive": alive, "NodeManagerAddress": address, "Resources": resources}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "per_node", "expected"),
+    [
+        # 2 groups of 4 GPU workers: the 8-GPU node holds two, the 4-GPU node one
+        ([_node("a", 16, 8), _node("b", 8, 4)], 4, 3),
+        # CPUs bound it too: 4 GPUs but 2 CPUs hold no group of 4
+        ([_node("a", 2, 4)], 4, 0),
+        # a dead node holds nothing, a CPU-only node no GPU group
+        ([_node("a", 8, 4, alive=False), _node("b", 64)], 4, 0),
+    ],
+)
+def test_the_groups_a_cluster_can_hold(nodes, per_node, expected):
+    from psft.trainer.verl.placement import Shape, capacity
+
+    assert capacity(Shape(nodes=2, per_node=per_node, gpu=True), nodes) == expected
+
+
+def test_cpu_groups_need_only_cpus():
+    from psft.trainer.verl.placement import Shape, capacity
+
+    shape = Shape(nodes=2, per_node=1, gpu=False)
+    assert shape.bundle == {"CPU": 1.0}
+    assert capacity(shape, [_node("a", 1), _node("b", 3)]) == 4
+
+
+def test_a_cluster_too_small_is_an_error_naming_the_fields_and_what_it_has():
+    from psft.trainer.verl.placement import TIMEOUT_ENV, Shape, too_small, waiting_line
+
+    shape = Shape(nodes=2, per_node=4, gpu=True)
+    nodes = [_node("10.0.0.5", 16, 4), _node("10.0.0.6", 2, 4)]
+    message = too_small(shape, nodes, 600.4, "10.0.0.5:6379")
+    assert message.startswith("spec.resources.nodes x gpusPerNode: the run needs 2 groups of 4")
+    assert "lower spec.resources.nodes / gpusPerNode;" in message
+    assert "after 600 s the Ray cluster at 10.0.0.5:6379 can hold 1" in message
+    assert "10.0.0.5: 16 CPU, 4 GPU; 10.0.0.6: 2 CPU, 4 GPU" in message
+    assert TIMEOUT_ENV in message
+    assert "1 can fit on the nodes that joined so far" in waiting_line(shape, nodes, 31)
+    busy = waiting_line(shape, [_node("a", 16, 8)], 31)
+    assert "the cluster could hold them; its resources are in use" in busy
+
+
+@pytest.mark.parametrize("raw", ["ten", "-1"])
+def test_a_bad_placement_timeout_is_a_clear_error(raw, monkeypatch):
+    from psft.trainer.verl.placement import TIMEOUT_ENV, placement_timeout
+
+    monkeypatch.setenv(TIMEOUT_ENV, raw)
+    with pytest.raises(UserError, match=rf"^{TIMEOUT_ENV}='{raw}': not a number of seconds"):
+        placement_timeout()
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert placement_timeout() == 90
+    monkeypatch.delenv(TIMEOUT_ENV)
+    assert placement_timeout() == 600

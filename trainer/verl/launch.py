@@ -243,17 +243,27 @@ def run_on_ray(
 
     from psft.trainer.telemetry import Telemetry
     from psft.trainer.verl.compat import skip_trl_value_head_patch
+    from psft.trainer.verl.placement import Shape, place
 
     skip_trl_value_head_patch()
     connected = connect_ray()
-    telemetry = Telemetry(config, metrics, store=store)
-    telemetry.open()
-
-    def on_step(record: dict) -> None:
-        telemetry.log(record)
-        print(progress_line(record), flush=True)
-
+    telemetry = None
     try:
+        shape = Shape(
+            nodes=int(verl_config.trainer.nnodes),
+            per_node=int(verl_config.trainer.n_gpus_per_node),
+            gpu=device != "cpu",
+        )
+        groups, waited = place(shape)
+        if waited > 1:
+            print(f"the Ray cluster placed {shape.describe()} after {waited:.0f} s", flush=True)
+        telemetry = Telemetry(config, metrics, store=store)
+        telemetry.open()
+
+        def on_step(record: dict) -> None:
+            telemetry.log(record)
+            print(progress_line(record), flush=True)
+
         from psft.trainer.verl.ray_trainer import RayPSFTTrainer, WorkerLost
 
         try:
@@ -264,6 +274,7 @@ def run_on_ray(
                 checkpoints_key=checkpoints_key,
                 on_step=on_step,
                 worker_env=worker_env(device),
+                placement_groups=groups,
             )
             telemetry.rewind(trainer.resume_global_step)  # from 0 too: a retried attempt
             if trainer.resume_global_step:
@@ -279,7 +290,8 @@ def run_on_ray(
                 f"{store.root}/{checkpoints_key}"
             ) from exc
     finally:
-        telemetry.close()
+        if telemetry is not None:
+            telemetry.close()
         if connected:
             ray.shutdown()
 

@@ -235,6 +235,7 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
         checkpoints_key: str,
         on_step: StepCallback | None = None,
         worker_env: dict[str, str] | None = None,
+        placement_groups: list[Any] | None = None,
     ):
         self.loss_settings = LossSettings.from_config(config.psft)
         self.mini_batch_size = int(config.psft.mini_batch_size)
@@ -243,6 +244,7 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
         self.store = store
         self.checkpoints_key = checkpoints_key
         self.worker_env = dict(worker_env or {})
+        self.placement_groups = placement_groups
         self.world = int(config.trainer.nnodes) * int(config.trainer.n_gpus_per_node)
         self.reports = True
         super().__init__(config)
@@ -268,6 +270,10 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
         self.resource_pool = RayResourcePool(
             process_on_nodes=[per_node] * nodes, max_colocate_count=1
         )
+        if self.placement_groups is not None:
+            # the groups the driver waited for (psft.trainer.verl.placement), same shape:
+            # verl's pool uses groups it already holds instead of asking Ray again
+            self.resource_pool.pgs = self.placement_groups
         worker = RayClassWithInitArgs(
             ray.remote(PSFTTrainingWorker),
             config=config,
