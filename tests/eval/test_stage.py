@@ -263,12 +263,16 @@ def test_psft_evaluate_on_a_model_folder(
 
 
 def test_psft_evaluate_bad_input_is_one_clear_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the default output folder is ./runs/evaluate-<model>
+    (tmp_path / "keep").mkdir()
     assert main(["evaluate", str(tmp_path / "nope"), "--benchmarks", "aime24"]) == 2
     err = capsys.readouterr().err
     assert "psft evaluate: error: model" in err and "not found" in err
     assert "Traceback" not in err
+    # refused: no empty output folder left behind, and nothing else touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
     assert main(["evaluate", str(tmp_path), "--benchmarks", "aime24", "--samples", "0"]) == 2
     assert "samples" in capsys.readouterr().err
 

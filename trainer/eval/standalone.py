@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +136,34 @@ def standalone_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from psft.trainer.eval.stage import run
 
     config = standalone_config(args)
-    summary = run(config)
+    created = _missing_folders(Path(config.run_root))
+    try:
+        summary = run(config)
+    except BaseException:
+        # a refused model or benchmark leaves no empty output folder behind (only folders
+        # this call created, and only while nothing was written in them)
+        for folder in created:
+            inside = list(folder.rglob("*")) if folder.is_dir() else [Path("(a file)")]
+            if all(p.is_dir() for p in inside):
+                with suppress(OSError):
+                    for sub in sorted(inside, key=lambda p: -len(p.parts)):
+                        sub.rmdir()
+                    folder.rmdir()
+        raise
     print(f"{'benchmark':16} {'k':>3} {'Avg@k':>7} {'pass@k':>7} {'maj@k':>7} {'tokens':>7}")
     for r in summary["results"]:
         print(
