@@ -63,7 +63,12 @@ def write_data(path: Path, n: int = 24) -> Path:
 
 
 def make_job(
-    model: Path, data: Path, nodes: int, steps: int = STEPS, storage: dict | None = None
+    model: Path,
+    data: Path,
+    nodes: int,
+    steps: int = STEPS,
+    storage: dict | None = None,
+    keep: int = 2,
 ) -> PSFTJob:
     return PSFTJob.model_validate(
         {
@@ -84,6 +89,7 @@ def make_job(
                     "microBatchSize": 2,
                     "maxSteps": steps,
                     "saveEvery": SAVE_EVERY,
+                    "keepCheckpoints": keep,
                     "learningRate": 1e-3,
                     # a narrow trust region: updates 2-4 clip some tokens (ratios reach
                     # ~1.1), so the clip fraction compared is not a trivial 0
@@ -265,8 +271,18 @@ def test_checkpoints_go_to_s3_from_the_workers_and_resume_on_fresh_nodes(
     assert "train/final/model.safetensors" in objects
 
     monkeypatch.setenv("PSFT_CACHE_DIR", str(tmp_path / "cache-second"))
-    second = stage(make_job(tiny_model_dir, data, 2, storage=storage), "train", root)
+    second = stage(make_job(tiny_model_dir, data, 2, storage=storage, keep=1), "train", root)
     out = train_as_the_rayjob_does(second, tmp_path)
+    # keepCheckpoints 1: the step-2 checkpoint is gone from the bucket too, not only from
+    # the workers' disks
+    steps = {
+        o.object_name.split("/")[4]
+        for o in multinode_s3.client().list_objects(
+            bucket, prefix="run/train/verl/checkpoints/", recursive=True
+        )
+    }
+    assert steps == {f"global_step_{STEPS}", "latest_checkpointed_iteration.txt"}, steps
+    assert f"removed checkpoints of steps [{SAVE_EVERY}]" in out
     resumed = {r["step"]: r for r in records(open_run_store(second).work_dir)}
     assert f"resumed from the checkpoint of step {SAVE_EVERY}" in out
     for reference in records(runs["ray"])[SAVE_EVERY:]:

@@ -106,6 +106,37 @@ def test_checkpoint_folder_round_trip_and_prune(s3_env, bucket, tmp_path: Path) 
     assert local == ["step-4", "step-6"]
 
 
+def test_verl_checkpoints_are_pruned_in_the_bucket_as_on_disk(s3_env, bucket, tmp_path) -> None:
+    """verl prunes its step folders on the node's disk only; the one-node launcher pushes
+    the whole checkpoints folder after each save, so the bucket kept every step. prune_store
+    removes the same folders there, and the pushed folder still pulls whole elsewhere."""
+    import shutil
+
+    from psft.trainer.verl.checkpoints import TRACKER, prune_store
+
+    key = "train/verl/checkpoints"
+    writer = open_store(s3_config(s3_env, bucket, tmp_path, "a"))
+    local = writer.local_path(key)
+    for step in (2, 4, 6):
+        (local / f"global_step_{step}").mkdir(parents=True)
+        (local / f"global_step_{step}" / "model_world_size_1_rank_0.pt").write_bytes(b"w" * step)
+        (local / TRACKER).write_text(str(step))
+        if step == 6:  # verl's own pruning (keep 2) of the node's disk
+            shutil.rmtree(local / "global_step_2")
+        writer.push(key)
+        removed = prune_store(writer, key, step, keep=2)
+        assert removed == ([2] if step == 6 else [])
+    prefix = f"{RUN}/{key}/"
+    names = object_names(s3_env, bucket, prefix)
+    assert {n[len(prefix) :].split("/")[0] for n in names} == {
+        "global_step_4", "global_step_6", TRACKER, ".psft-manifest.json"
+    }  # fmt: skip
+    assert prune_store(writer, key, 6, keep=None) == []  # verl's "keep all"
+    reader = open_store(s3_config(s3_env, bucket, tmp_path, "b"))
+    pulled = reader.pull(key)
+    assert sorted(p.name for p in pulled.iterdir()) == ["global_step_4", "global_step_6", TRACKER]
+
+
 def test_files_push_pull_exists_and_missing_keys(s3_env, bucket, tmp_path: Path) -> None:
     writer = open_store(s3_config(s3_env, bucket, tmp_path, "a"))
     path = writer.local_path(layout.metrics("train"))

@@ -174,3 +174,16 @@ def test_a_bad_placement_timeout_is_a_clear_error(raw, monkeypatch):
     assert placement_timeout() == 90
     monkeypatch.delenv(TIMEOUT_ENV)
     assert placement_timeout() == 600
+
+
+def test_prune_store_keeps_the_newest_and_any_upload_in_progress(tmp_path):
+    from psft.trainer.storage.local import LocalRunStore
+    from psft.trainer.verl.checkpoints import prune_store
+
+    store = LocalRunStore(tmp_path)
+    key = "train/verl/checkpoints"
+    for name in ("global_step_2", "global_step_4", "global_step_6", "global_step_8", "other"):
+        (store.local_path(key) / name).mkdir(parents=True)
+    # step 8 is above the tracker's step 6: an upload in progress, not pruned
+    assert prune_store(store, key, latest=6, keep=1) == [2, 4]
+    assert store.folders(key) == ["global_step_6", "global_step_8", "other"]

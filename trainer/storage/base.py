@@ -143,6 +143,14 @@ class RunStore(Protocol):
         """Whether file or folder `key` exists in the run's storage."""
         ...
 
+    def folders(self, key: str) -> list[str]:
+        """Names of the folders directly inside folder `key` in the run's storage."""
+        ...
+
+    def remove(self, key: str) -> None:
+        """Delete folder `key` from the run's storage and the local mirror."""
+        ...
+
     def checkpoint_dir(self, stage: str, step: int) -> Path:
         """An empty local folder for checkpoint `step` of `stage` (stale files removed)."""
         ...

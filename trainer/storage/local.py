@@ -85,6 +85,13 @@ class LocalRunStore(CheckpointFolders):
     def exists(self, key: str) -> bool:
         return self.local_path(key).exists()
 
+    def folders(self, key: str) -> list[str]:
+        path = self.local_path(key)
+        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+    def remove(self, key: str) -> None:
+        shutil.rmtree(self.local_path(key), ignore_errors=True)
+
     def commit_checkpoint(self, stage: str, step: int) -> None:
         folder = self.local_path(layout.checkpoint(stage, step))
         if not folder.is_dir() or not any(folder.iterdir()):

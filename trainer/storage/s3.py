@@ -152,6 +152,11 @@ class S3RunStore(CheckpointFolders):
         self._index.record(r for r, _ in todo)
         return target
 
+    def folders(self, key: str) -> list[str]:
+        name = self._name(validate_key(key))
+        entries = self.transfer.list(name + "/", recursive=False)
+        return sorted(e.name[len(name) + 1 :].rstrip("/") for e in entries if e.size < 0)
+
     def _folder_files(self, name: str) -> list[RemoteFile]:
         """Files of folder `name`: those its manifest lists (verified), else a listing."""
         listed = {r.name: r for r in self.transfer.list(name + "/")}
@@ -182,6 +187,16 @@ class S3RunStore(CheckpointFolders):
         else:
             raise MissingArtifact(f"cannot publish {key}: {path} does not exist")
 
+    def remove(self, key: str) -> None:
+        key = validate_key(key)
+        objects = [r.name for r in self.transfer.list(self._name(key) + "/")]
+        # the manifest first: a half-deleted folder never looks complete
+        manifest = self._name(f"{key}/{MANIFEST}")
+        self.transfer.delete([n for n in objects if n == manifest])
+        self.transfer.delete([n for n in objects if n != manifest])
+        self._index.forget(objects)
+        shutil.rmtree(self.local_path(key), ignore_errors=True)
+
     def commit_checkpoint(self, stage: str, step: int) -> None:
         key = layout.checkpoint(stage, step)
         folder = self.local_path(key)
@@ -209,18 +224,9 @@ class S3RunStore(CheckpointFolders):
         return parse_marker(body, f"s3://{self.bucket}/{name}")
 
     def _prune(self, stage: str, latest: int) -> None:
-        base = self._name(layout.checkpoints(stage))
-        entries = self.transfer.list(base + "/", recursive=False)
-        names = [e.name[len(base) + 1 :].rstrip("/") for e in entries if e.size < 0]
+        names = self.folders(layout.checkpoints(stage))
         for step in steps_to_prune(checkpoint_steps(names), latest, self.keep_checkpoints):
-            key = layout.checkpoint(stage, step)
-            objects = [r.name for r in self.transfer.list(self._name(key) + "/")]
-            # the manifest first: a half-deleted folder never looks complete
-            manifest = self._name(f"{key}/{MANIFEST}")
-            self.transfer.delete([n for n in objects if n == manifest])
-            self.transfer.delete([n for n in objects if n != manifest])
-            self._index.forget(objects)
-            shutil.rmtree(self.local_path(key), ignore_errors=True)
+            self.remove(layout.checkpoint(stage, step))
 
 
 def fetch_s3_uri(

@@ -6,7 +6,8 @@ verl's FSDP engine writes one model, optimizer and extra-state shard per trainin
 workers push their own files straight from their nodes, the driver adds the data-loader
 state, then `psft_checkpoint.json` (step, world size, every file) and last verl's tracker
 file naming the step: a checkpoint is complete once the tracker names it, so a run lost
-mid-save resumes from the one before.
+mid-save resumes from the one before. verl prunes old step folders on the node's disk
+(`keepCheckpoints`); prune_store removes the same from the run's storage.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from psft.trainer.storage.base import StorageError, steps_to_prune
 from psft.workflows.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -24,8 +26,37 @@ METADATA = "psft_checkpoint.json"
 RANK_FILE = re.compile(r"_world_size_(\d+)_rank_(\d+)\.")
 
 
+STEP_FOLDER = re.compile(r"global_step_(\d+)")
+
+
 def step_folder(step: int) -> str:
     return f"global_step_{step}"
+
+
+def prune_store(store: Any, key: str, latest: int, keep: int | None) -> list[int]:
+    """verl prunes its old step folders on the node's disk only: remove the same from the
+    run's storage (all but the `keep` newest at or below `latest`, the tracker's step; a
+    folder above it is an upload in progress). The steps removed."""
+    if not keep or keep <= 0:  # verl's "keep all"
+        return []
+    names = store.folders(key)
+    steps = sorted(int(m.group(1)) for n in names if (m := STEP_FOLDER.fullmatch(n)))
+    gone = steps_to_prune(steps, latest, keep)
+    for step in gone:
+        store.remove(f"{key}/{step_folder(step)}")
+    return gone
+
+
+def prune_store_or_warn(store: Any, key: str, latest: int, keep: int | None) -> None:
+    """prune_store after a complete checkpoint: a failure leaves the checkpoint safe, and
+    the next save prunes again, so it is a warning."""
+    try:
+        gone = prune_store(store, key, latest, keep)
+    except StorageError as exc:
+        print(f"warning: pruning old checkpoints in {store.root}/{key} failed: {exc}", flush=True)
+        return
+    if gone:
+        print(f"removed checkpoints of steps {gone} from {store.root}/{key}", flush=True)
 
 
 def owned_by(rel: str, rank: int) -> bool:

@@ -376,6 +376,7 @@ class RayPSFTTrainer(PSFTSteps, RaySFTTrainer):
         os.replace(tracker.with_suffix(".tmp"), tracker)
         self.store.push(f"{self.checkpoints_key}/{ckpt.TRACKER}")  # last: now complete
         print(f"checkpoint of step {step}: {self.store.root}/{key}", flush=True)
+        ckpt.prune_store_or_warn(self.store, self.checkpoints_key, step, keep)
 
     def _fetch_checkpoint(self) -> None:
         """Bring the last complete checkpoint (if any) from the run's storage to the driver

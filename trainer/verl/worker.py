@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from verl.utils.device import auto_set_device
 
+    from psft.trainer.verl.checkpoints import prune_store_or_warn
     from psft.trainer.verl.psft_trainer import PSFTTrainer, export_hf_model
 
     auto_set_device(config)
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.barrier()  # every rank has written its shard
         if store is not None:
             store.push(args.checkpoints_key)
+            keep = config.trainer.max_ckpt_to_keep
+            prune_store_or_warn(store, args.checkpoints_key, step, keep)
 
     def on_step(record: dict) -> None:
         from psft.trainer.verl.launch import progress_line
