@@ -202,6 +202,18 @@ def checkpoint_steps(names: list[str]) -> list[int]:
     return sorted(int(m.group(1)) for n in names if (m := STEP_DIR.match(n)))
 
 
+def prune_step_folders(
+    store: RunStore, key: str, pattern: re.Pattern[str], latest: int, keep: int
+) -> list[int]:
+    """Remove from `store` the step folders inside folder `key` (named by `pattern`, whose
+    group 1 is the step) that steps_to_prune picks; the steps removed."""
+    folders = {int(m.group(1)): n for n in store.folders(key) if (m := pattern.fullmatch(n))}
+    gone = steps_to_prune(sorted(folders), latest, keep)
+    for step in gone:
+        store.remove(f"{key}/{folders[step]}")
+    return gone
+
+
 def steps_to_prune(steps: list[int], latest: int, keep: int) -> list[int]:
     """Checkpoints to delete: all but the `keep` newest at or below the marker's step.
 

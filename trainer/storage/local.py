@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 
 from psft.trainer.storage.base import (
+    STEP_DIR,
     CheckpointFolders,
     MissingArtifact,
     StorageError,
-    checkpoint_steps,
     marker_body,
     parse_marker,
-    steps_to_prune,
+    prune_step_folders,
     validate_key,
 )
 from psft.workflows import layout
@@ -111,7 +111,4 @@ class LocalRunStore(CheckpointFolders):
         return parse_marker(body, str(marker))
 
     def _prune(self, stage: str, latest: int) -> None:
-        folder = self.local_path(layout.checkpoints(stage))
-        steps = checkpoint_steps([p.name for p in folder.iterdir() if p.is_dir()])
-        for step in steps_to_prune(steps, latest, self.keep_checkpoints):
-            shutil.rmtree(folder / f"step-{step}", ignore_errors=True)
+        prune_step_folders(self, layout.checkpoints(stage), STEP_DIR, latest, self.keep_checkpoints)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from psft.trainer.storage.base import (
     MANIFEST,
+    STEP_DIR,
     CheckpointFolders,
     MissingArtifact,
     StorageError,
-    checkpoint_steps,
     marker_body,
     parse_marker,
-    steps_to_prune,
+    prune_step_folders,
     validate_key,
 )
 from psft.trainer.storage.s3client import RetryPolicy, S3Connection
@@ -224,9 +224,7 @@ class S3RunStore(CheckpointFolders):
         return parse_marker(body, f"s3://{self.bucket}/{name}")
 
     def _prune(self, stage: str, latest: int) -> None:
-        names = self.folders(layout.checkpoints(stage))
-        for step in steps_to_prune(checkpoint_steps(names), latest, self.keep_checkpoints):
-            self.remove(layout.checkpoint(stage, step))
+        prune_step_folders(self, layout.checkpoints(stage), STEP_DIR, latest, self.keep_checkpoints)
 
 
 def fetch_s3_uri(

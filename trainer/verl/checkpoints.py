@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from psft.trainer.storage.base import StorageError, steps_to_prune
+from psft.trainer.storage.base import StorageError, prune_step_folders
 from psft.workflows.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -39,12 +39,7 @@ def prune_store(store: Any, key: str, latest: int, keep: int | None) -> list[int
     folder above it is an upload in progress). The steps removed."""
     if not keep or keep <= 0:  # verl's "keep all"
         return []
-    names = store.folders(key)
-    steps = sorted(int(m.group(1)) for n in names if (m := STEP_FOLDER.fullmatch(n)))
-    gone = steps_to_prune(steps, latest, keep)
-    for step in gone:
-        store.remove(f"{key}/{step_folder(step)}")
-    return gone
+    return prune_step_folders(store, key, STEP_FOLDER, latest, keep)
 
 
 def prune_store_or_warn(store: Any, key: str, latest: int, keep: int | None) -> None:
